@@ -1,0 +1,55 @@
+# amorlip: two commands on a fresh machine -- `make demo` and `make test`.
+SHELL := /bin/bash
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CORES   ?= 2
+# Offline-friendly defaults for the stack (see README "Environment").
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export DS_BUILD_OPS := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast lint data train evaluate report bench bench-quality slurm-up slurm-down clean-demo help
+
+help:
+	@echo "make setup | demo | test | lint | bench | bench-quality | slurm-up | slurm-down"
+
+# Idempotent: (re)installs only when requirements.txt or pyproject.toml changed.
+setup: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -e .
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml all
+	@$(BIN)/amorlip demo-summary --config config/config.yaml
+
+data train evaluate report: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml $@
+
+test: setup
+	bash scripts/run-tests.sh
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not slurm"
+
+lint: setup
+	$(BIN)/ruff check amorlip tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+bench-quality: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/bench-quality.yaml report
+
+slurm-up:
+	bash scripts/slurm-up.sh
+
+slurm-down:
+	bash scripts/slurm-down.sh

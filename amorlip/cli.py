@@ -1,0 +1,267 @@
+"""The ``amorlip`` command. Snakemake rules are one line each around these subcommands.
+
+Each subcommand validates the config first (so a bad config fails before any work, naming the key),
+then calls one library function. Heavy imports happen inside the subcommand so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from amorlip.config import ConfigError, load_config
+
+log = logging.getLogger("amorlip")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # third-party chatter that buries our one-line-per-event logs
+    for noisy in ("urllib3", "matplotlib", "PIL", "alembic", "git", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def _config(args, check_paths: bool = True) -> dict:
+    return load_config(args.config, check_paths=check_paths)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_validate(args) -> int:
+    from amorlip.config import expand_runs
+
+    config = _config(args)
+    runs = expand_runs(config)
+    print(f"config OK: {len(config['datasets'])} dataset(s), {len(runs)} run(s): {', '.join(runs)}")
+    return 0
+
+
+def cmd_source(args) -> int:
+    config = _config(args)
+    ds = config["datasets"][_dataset(config, args.dataset)]
+    if ds["source"] == "emoji":
+        from amorlip.data.demo import build_demo
+
+        build_demo(config, args.dataset, out=args.out)
+    else:
+        from amorlip.data.sources import write_url_parquet
+
+        write_url_parquet(config, args.dataset, out=args.out)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from amorlip.data.download import download
+
+    config = _config(args)
+    download(config, _dataset(config, args.dataset), urls=args.urls, out_dir=args.out)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from amorlip.data.download import write_index
+
+    config = _config(args)
+    write_index(config, _dataset(config, args.dataset), shards_dir=args.shards)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from amorlip.train.run import train
+
+    config = _config(args)
+    return train(config, args.run)
+
+
+def cmd_export(args) -> int:
+    from amorlip.train.export import export
+
+    config = _config(args)
+    export(config, args.run)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from amorlip.evaluate.runner import evaluate
+
+    config = _config(args)
+    evaluate(config, args.run, args.suite, out=args.out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from amorlip.report import report
+
+    config = _config(args)
+    report(config)
+    return 0
+
+
+def cmd_mlflow_init(args) -> int:
+    from amorlip.tracking import init_pipeline
+
+    config = _config(args)
+    init_pipeline(config, out=args.out)
+    return 0
+
+
+def cmd_mlflow_replay(args) -> int:
+    from amorlip.tracking import replay
+
+    replay(args.file, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def cmd_evalsets_download(args) -> int:
+    from amorlip.evaluate.download import download_suite
+
+    download_suite(args.suite, root=args.root, tasks=args.tasks)
+    return 0
+
+
+def cmd_evalsets_build_emoji(args) -> int:
+    from amorlip.data.demo import build_heldout_evalsets
+
+    config = _config(args)
+    build_heldout_evalsets(config, _dataset(config, args.dataset), root=args.root)
+    return 0
+
+
+def cmd_launch(args) -> int:
+    """Start ``amorlip <rest>`` on ``--nproc`` local ranks.
+
+    Under ``srun`` with several tasks, SLURM already started one process per rank, so the command
+    runs in this process and ``distributed.py`` maps the SLURM variables. Otherwise one rank runs
+    in-process and several go through ``torchrun --standalone`` (a free rendezvous port, so
+    parallel jobs on one machine do not collide).
+    """
+    rest = list(args.rest)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        raise SystemExit("amorlip launch: nothing to run (usage: amorlip launch --nproc N -- train ...)")
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or args.nproc == 1:
+        return main(rest)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "amorlip.cli", *rest]
+    log.info("launching %d ranks: %s", args.nproc, " ".join(cmd))
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def cmd_demo_summary(args) -> int:
+    from amorlip.report import print_demo_summary
+
+    config = _config(args)
+    print_demo_summary(config)
+    return 0
+
+
+def _dataset(config: dict, name: str) -> str:
+    if name not in config["datasets"]:
+        raise ConfigError(f"config error: unknown dataset '{name}' (defined: {', '.join(config['datasets'])})")
+    return name
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amorlip", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    def with_config(sp):
+        sp.add_argument("--config", required=True, help="pipeline YAML config (validated first)")
+        return sp
+
+    with_config(add("validate", cmd_validate, "validate a config and list its runs"))
+
+    sp = with_config(add("source", cmd_source, "write resources/{dataset}/urls.parquet (url list or emoji demo)"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--out", required=True, help="urls.parquet to write")
+
+    sp = with_config(add("download", cmd_download, "img2dataset -> webdataset shards"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--urls", required=True, help="urls.parquet from `amorlip source`")
+    sp.add_argument("--out", required=True, help="shard folder")
+
+    sp = with_config(add("index", cmd_index, "write sizes.json and manifest.json from img2dataset stats"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--shards", required=True, help="shard folder")
+
+    sp = with_config(add("train", cmd_train, "train one run (launch with torchrun or srun for several ranks)"))
+    sp.add_argument("--run", required=True)
+
+    sp = with_config(add("export", cmd_export, "consolidate a run's checkpoint into runs/{run}/model.pt"))
+    sp.add_argument("--run", required=True)
+
+    sp = with_config(add("evaluate", cmd_evaluate, "zero-shot evaluation of one run on one suite"))
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--suite", required=True)
+    sp.add_argument("--out", required=True, help="results/{run}/{suite}.json")
+
+    with_config(add("report", cmd_report, "summary.csv / summary.md / plots, logged to the MLflow parent run"))
+    with_config(add("demo-summary", cmd_demo_summary, "print where the demo's results are"))
+
+    ml = sub.add_parser("mlflow", help="MLflow helpers").add_subparsers(dest="mlflow_command", required=True)
+    sp = ml.add_parser("init", help="create the pipeline's parent run")
+    sp.set_defaults(func=cmd_mlflow_init)
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--out", required=True, help="JSON file recording the parent run id")
+    sp = ml.add_parser("replay", help="send metrics kept locally during a tracking outage")
+    sp.set_defaults(func=cmd_mlflow_replay)
+    sp.add_argument("file", help="runs/{run}/mlflow-offline.jsonl")
+    sp.add_argument("--tracking-uri", default=None)
+
+    sp = add("launch", cmd_launch, "run an amorlip command on N local ranks (torchrun) or under srun")
+    sp.add_argument("--nproc", type=int, default=1)
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+
+    ev = sub.add_parser("evalsets", help="evaluation sets").add_subparsers(dest="evalsets_command", required=True)
+    sp = ev.add_parser("download", help="download a suite's eval sets (needs internet)")
+    sp.set_defaults(func=cmd_evalsets_download)
+    sp.add_argument("suite", choices=["datacomp"])
+    sp.add_argument("--root", required=True)
+    sp.add_argument("--tasks", nargs="*", default=None, help="subset of task keys (default: all)")
+    sp = ev.add_parser("build-emoji", help="render the emoji demo's held-out-style eval sets")
+    sp.set_defaults(func=cmd_evalsets_build_emoji)
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--dataset", required=True, help="the emoji dataset whose held-out style is rendered")
+    sp.add_argument("--root", required=True, help="data/evalsets/emoji-heldout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+# Shared setup: validate the config against workflow/schemas/config.schema.yaml before any job
+# (an invalid key or value stops here, naming it), expand the runs, and write the resolved config
+# that every `amorlip ...` command reads.
+import hashlib
+import os
+import sys
+
+import yaml
+
+sys.path.insert(0, workflow.basedir + "/..")
+from amorlip.config import ConfigError, expand_runs, load_config, tracking_uri  # noqa: E402
+
+try:
+    _validated = load_config(dict(config))
+except ConfigError as _exc:
+    raise WorkflowError(str(_exc)) from None
+config.clear()
+config.update(_validated)
+
+RUNS = expand_runs(config)
+DATA = config["paths"]["data"]
+RUNS_DIR = config["paths"]["runs"]
+RESULTS = config["paths"]["results"]
+RESOURCES = config["paths"]["resources"]
+LOGS = "logs"
+TRACKING_URI = tracking_uri(config)
+SUITES = config["evaluation"]["suites"]
+TRAIN_DATASETS = sorted({run.dataset for run in RUNS.values()})
+
+
+def _write_resolved_config():
+    text = yaml.safe_dump(config, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = os.path.join(RESULTS, ".configs", f"{digest}.yaml")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return path
+
+
+# Every rule passes this file as `--config`; it holds the validated config with defaults filled.
+CONFIG_FILE = _write_resolved_config()
+
+
+def run_resources(run):
+    r = RUNS[run]
+    return r
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_.-]+",
+    run="[A-Za-z0-9_.-]+",
+    suite="[A-Za-z0-9_.-]+",

@@ -1,0 +1,74 @@
+# Data stage: a url list (or the emoji demo builder) -> img2dataset webdataset shards -> sizes.json.
+
+
+rule source:
+    output:
+        urls=f"{RESOURCES}/{{dataset}}/urls.parquet",
+    params:
+        cfg=CONFIG_FILE,
+    log:
+        f"{LOGS}/source/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/source/{{dataset}}.benchmark.tsv"
+    shell:
+        "amorlip source --config {params.cfg:q} --dataset {wildcards.dataset:q} --out {output.urls:q} > {log:q} 2>&1"
+
+
+rule download:
+    input:
+        urls=rules.source.output.urls,
+    output:
+        shards=directory(f"{DATA}/{{dataset}}/shards"),
+    params:
+        cfg=CONFIG_FILE,
+    threads: 2
+    log:
+        f"{LOGS}/download/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/download/{{dataset}}.benchmark.tsv"
+    shell:
+        "amorlip download --config {params.cfg:q} --dataset {wildcards.dataset:q} --urls {input.urls:q} --out {output.shards:q} > {log:q} 2>&1"
+
+
+rule index:
+    input:
+        shards=rules.download.output.shards,
+    output:
+        sizes=f"{DATA}/{{dataset}}/sizes.json",
+        manifest=f"{DATA}/{{dataset}}/manifest.json",
+    params:
+        cfg=CONFIG_FILE,
+    log:
+        f"{LOGS}/index/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/index/{{dataset}}.benchmark.tsv"
+    shell:
+        "amorlip index --config {params.cfg:q} --dataset {wildcards.dataset:q} --shards {input.shards:q} > {log:q} 2>&1"
+
+
+rule data:
+    input:
+        expand(f"{DATA}/{{dataset}}/manifest.json", dataset=TRAIN_DATASETS),
+
+
+def emoji_dataset():
+    """The emoji dataset whose held-out style the demo suite evaluates on."""
+    names = [n for n, d in config["datasets"].items() if d["source"] == "emoji"]
+    if not names:
+        raise WorkflowError("suite 'emoji-heldout' needs a dataset with source 'emoji' in 'datasets'")
+    return names[0]
+
+
+rule emoji_evalsets:
+    output:
+        tasks=f"{DATA}/evalsets/emoji-heldout/tasks.json",
+    params:
+        cfg=CONFIG_FILE,
+        dataset=lambda wc: emoji_dataset(),
+        root=f"{DATA}/evalsets/emoji-heldout",
+    log:
+        f"{LOGS}/evalsets/emoji-heldout.log",
+    benchmark:
+        f"{LOGS}/evalsets/emoji-heldout.benchmark.tsv"
+    shell:
+        "amorlip evalsets build-emoji --config {params.cfg:q} --dataset {params.dataset:q} --root {params.root:q} > {log:q} 2>&1"

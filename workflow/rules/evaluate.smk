@@ -1,0 +1,29 @@
+# Evaluation: one job per run x suite, zero-shot classification and retrieval on local eval sets.
+
+
+def suite_inputs(wc):
+    if wc.suite == "emoji-heldout":
+        return [f"{DATA}/evalsets/emoji-heldout/tasks.json"]
+    return []  # datacomp: sets are read from evaluation.datacomp_root; missing tasks are reported as missing
+
+
+rule evaluate_run:
+    input:
+        model=f"{RUNS_DIR}/{{run}}/model.pt",
+        suite=suite_inputs,
+        parent=rules.mlflow_init.output.parent,
+    output:
+        metrics=f"{RESULTS}/{{run}}/{{suite}}.json",
+    params:
+        cfg=CONFIG_FILE,
+    log:
+        f"{LOGS}/evaluate/{{run}}/{{suite}}.log",
+    benchmark:
+        f"{LOGS}/evaluate/{{run}}/{{suite}}.benchmark.tsv"
+    shell:
+        "amorlip evaluate --config {params.cfg:q} --run {wildcards.run:q} --suite {wildcards.suite:q} --out {output.metrics:q} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        expand(f"{RESULTS}/{{run}}/{{suite}}.json", run=list(RUNS), suite=SUITES),

@@ -1,0 +1,24 @@
+# Report: one row per run, plots, everything logged to the pipeline's MLflow parent run.
+
+
+rule report:
+    input:
+        metrics=expand(f"{RESULTS}/{{run}}/{{suite}}.json", run=list(RUNS), suite=SUITES),
+        train=expand(f"{RUNS_DIR}/{{run}}/train.json", run=list(RUNS)),
+        parent=rules.mlflow_init.output.parent,
+    output:
+        csv=report(f"{RESULTS}/summary.csv", category="Summary"),
+        md=report(f"{RESULTS}/summary.md", category="Summary"),
+        plots=report(
+            directory(f"{RESULTS}/plots"),
+            patterns=["{name}.png"],
+            category="Plots",
+        ),
+    params:
+        cfg=CONFIG_FILE,
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{LOGS}/report.benchmark.tsv"
+    shell:
+        "amorlip report --config {params.cfg:q} > {log:q} 2>&1"
