@@ -1,3 +1,32 @@
-# amorlip pipeline: the rules live in workflow/; this file only includes them (Snakemake looks for a
-# top-level Snakefile first).
-include: "workflow/Snakefile"
+# amorlip DAG (see DESIGN.md):
+#   source -> download (img2dataset) -> index -> train -> export -> evaluate x suite -> report
+# Targets: data, train, evaluate, report, all (default).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RESULTS}/summary.csv",
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+onsuccess:
+    print(f"amorlip: done. Summary: {RESULTS}/summary.md ; browse runs: mlflow ui --backend-store-uri {TRACKING_URI}")
+
+
+onerror:
+    print("amorlip: a job failed; its log is named above (logs/...). Fix the cause and rerun: finished outputs are kept.")

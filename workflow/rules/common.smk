@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-sys.path.insert(0, workflow.basedir + "/..")
+sys.path.insert(0, workflow.basedir)
 from amorlip.config import ConfigError, expand_runs, load_config, tracking_uri  # noqa: E402
 
 try:

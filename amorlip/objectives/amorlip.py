@@ -1,0 +1,178 @@
+"""AmorLIP's objectives: partition targets, the amortized encoder loss and the lambda losses.
+
+Notation (method notes 1.1-1.6): x_i, y_j are L2-normalised image/text features, s is the logit
+scale, p = ``pos_coef`` weights the matched pair inside every partition sum (w_ii = p, w_ij = 1
+otherwise; notes 1.5.8), and log lambda / log Lambda are log-partition estimates.
+
+Everything stays in log space and fp32 (pitfalls 1-2): a partition sum is a logsumexp of the
+weighted logits ``s x.y + log w``, the mixture with the previous net is a logaddexp, and every
+encoder ratio is ``exp(s x.y + log w - log Lambda)`` -- never an exp followed by a division, which
+overflows fp32 once s x.y > 88.7.
+
+Multi-rank (``group`` with W > 1 ranks): a rank's local rows meet all global columns. Partition
+targets are global sums (the authors' ``--calculate_full``, pitfall 4). In :func:`encoder_loss` each
+rank computes its local image rows against all global texts (C_I) and its local text rows against
+all global images (C_T); features are gathered with gradient, so gradients return to their owner.
+The scaling is: sum over ranks of the per-rank losses = W x the single-process loss on the
+concatenated batch, hence DDP/DeepSpeed's 1/W gradient averaging gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from amorlip.objectives.clip import as_fp32_scale
+from amorlip.objectives.distributed import gather_no_grad, gather_with_grad, row_offset
+
+LAMBDA_LOSS_KINDS = ("l2_log", "kl", "js")
+
+
+def weighted_logits(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    pos_coef: float = 1.0,
+    group=None,
+    gather: Callable[[torch.Tensor, object], torch.Tensor] = gather_with_grad,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d_ij = s x_i.y_j + log w_ij`` for local rows against all global columns, fp32.
+
+    Returns ``(image_rows [B, G], text_rows [B, G])``: ``image_rows[i, j]`` pairs local image i with
+    global text j, ``text_rows[j, i]`` pairs local text j with global image i. ``gather`` decides
+    whether the other modality is gathered with or without gradient.
+    """
+    batch = img.shape[0]
+    all_img = gather(img, group).float()
+    all_txt = gather(txt, group).float()
+    x, y = img.float(), txt.float()
+    s = as_fp32_scale(logit_scale, x.device)
+    image_rows = s * (x @ all_txt.T)
+    text_rows = s * (y @ all_img.T)
+    if pos_coef != 1.0:
+        # the matched pair's weight p enters as log p on its logit (notes 1.5.8)
+        rows = torch.arange(batch, device=x.device)
+        cols = rows + row_offset(batch, group)
+        log_p = torch.tensor(math.log(pos_coef), dtype=torch.float32, device=x.device)
+        image_rows = image_rows.index_put((rows, cols), log_p, accumulate=True)
+        text_rows = text_rows.index_put((rows, cols), log_p, accumulate=True)
+    return image_rows, text_rows
+
+
+@torch.no_grad()
+def partition_targets(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    pos_coef: float = 1.0,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad log partition sums over the global batch (notes 1.4, ``LogTargetCollector``).
+
+    ``log_z_img[i] = log sum_j w_ij exp(s x_i.y_j)`` and ``log_z_txt[j] = log sum_i w_ij exp(s x_i.y_j)``,
+    each ``[B]`` for the local rows, fp32. Sums, not means (pitfall 4).
+    """
+    image_rows, text_rows = weighted_logits(
+        img.detach(), txt.detach(), as_fp32_scale(logit_scale, img.device).detach(),
+        pos_coef, group, gather=gather_no_grad,
+    )
+    return torch.logsumexp(image_rows, dim=1), torch.logsumexp(text_rows, dim=1)
+
+
+@torch.no_grad()
+def mix_log_targets(log_target: torch.Tensor, log_prev: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log(beta exp(log_prev) + (1 - beta) exp(log_target))`` in log space (paper Eq. 12, pitfall 1).
+
+    The authors mix in linear space; the logaddexp form is the same number without overflow.
+    beta = 0 returns the target and beta = 1 the previous net exactly (no log 0).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    log_target = log_target.detach().float()
+    log_prev = log_prev.detach().float()
+    if beta == 0.0:
+        return log_target.clone()
+    if beta == 1.0:
+        return log_prev.clone()
+    return torch.logaddexp(log_prev + math.log(beta), log_target + math.log1p(-beta))
+
+
+def encoder_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    log_lambda_img: torch.Tensor,
+    log_lambda_txt: torch.Tensor,
+    pos_coef: float = 1.0,
+    group=None,
+) -> torch.Tensor:
+    """Stage II loss (paper Eq. 6, code form of notes 1.6), fp32 scalar.
+
+    ``L = -2 s mean_i x_i.y_i + mean_i sum_j w_ij exp(s x_i.y_j - log Lambda^I_i)
+    + mean_j sum_i w_ij exp(s x_i.y_j - log Lambda^T_j)``.
+
+    The log Lambda inputs are treated as constants (detached here: no gradient ever reaches them);
+    gradients flow into ``img``, ``txt`` and ``logit_scale``. Multi-rank: per-rank loss as in the
+    module docstring (sum over ranks = W x single-process loss on the concatenated batch).
+    With ``pos_coef = 1`` and Lambda equal to the in-batch sums, the encoder gradient equals that of
+    the *sum* of the two InfoNCE directions, i.e. 2 x the CLIP loss gradient (notes 1.1 [I]).
+    """
+    s = as_fp32_scale(logit_scale, img.device)
+    image_rows, text_rows = weighted_logits(img, txt, s, pos_coef, group, gather=gather_with_grad)
+    positive = (img.float() * txt.float()).sum(dim=1)
+    joint = 2.0 * s * positive.mean()
+    cross_image = torch.exp(image_rows - log_lambda_img.detach().float()[:, None]).sum(dim=1).mean()
+    cross_text = torch.exp(text_rows - log_lambda_txt.detach().float()[:, None]).sum(dim=1).mean()
+    return -joint + cross_image + cross_text
+
+
+def lambda_loss(
+    log_lambda: torch.Tensor,
+    log_target: torch.Tensor,
+    kind: str = "l2_log",
+    *,
+    pair_logits: torch.Tensor | None = None,
+    div_reg_coef: float = 0.1,
+) -> torch.Tensor:
+    """Stage I loss of one modality's lambda net against the detached (mixed) log target, fp32.
+
+    - ``l2_log`` (paper Eq. 10, code ``log_l2``): ``mean_i (log lambda_i - log Z_i)^2`` (no 1/2).
+    - ``kl`` (Eq. 9, code ``kl_div_asym``): ``div_reg_coef * l2_log +
+      mean_i [ (c_i / N) exp(-log lambda_i) (log Z_i - log lambda_i) ]`` with
+      ``c_i = sum_j exp(d_ij)`` the in-batch sum of this row.
+    - ``js`` (code ``js_div``): with ``P_cur = exp(d_ij - log lambda_i)``, ``P_tar = exp(d_ij - log Z_i)``
+      and ``M = (P_cur + P_tar) / 2``: ``div_reg_coef * l2_log + (mean(P_cur log(P_cur/M)) +
+      mean(P_tar log(P_tar/M))) / 2``, element means over the ``[B, N]`` entries.
+
+    ``pair_logits`` (kl and js only, no grad): ``d_ij = s x_i.y_j + log w_ij`` of this modality's
+    local rows against all N global columns (first or second output of :func:`weighted_logits`).
+    On one rank N = B and these are the authors' forms exactly (their ``1/|B|^2`` normalisation).
+    Because the columns are global, the per-rank losses averaged over ranks (what the all-reduced
+    lambda gradients optimise) equal the single-process loss on the concatenated batch, so kl/js are
+    valid on any number of ranks (the authors' version used local sums and was single-GPU only).
+    Like the authors' forms, kl/js are linear-space ratios and overflow when log lambda is ~88
+    below the logits (e.g. a fresh net at large s); l2-log does not.
+    """
+    if kind not in LAMBDA_LOSS_KINDS:
+        raise ValueError(f"unknown lambda loss kind {kind!r}; choose one of {LAMBDA_LOSS_KINDS}")
+    log_lambda = log_lambda.float()
+    log_target = log_target.detach().float()
+    l2_log = (log_lambda - log_target).pow(2).mean()
+    if kind == "l2_log":
+        return l2_log
+    if pair_logits is None:
+        raise ValueError(f"lambda loss {kind!r} needs pair_logits (this modality's rows of weighted_logits)")
+    d = pair_logits.detach().float()
+    if kind == "kl":
+        log_mean_row = torch.logsumexp(d, dim=1) - math.log(d.shape[1])
+        ratio = torch.exp(log_mean_row - log_lambda)
+        divergence = (ratio * (log_target - log_lambda)).mean()
+    else:
+        log_cur = d - log_lambda[:, None]
+        log_tar = d - log_target[:, None]
+        log_mid = torch.logaddexp(log_cur, log_tar) - math.log(2.0)
+        divergence = 0.5 * ((log_cur.exp() * (log_cur - log_mid)).mean()
+                            + (log_tar.exp() * (log_tar - log_mid)).mean())
+    return div_reg_coef * l2_log + divergence
