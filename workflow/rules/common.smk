@@ -8,6 +8,9 @@ import sys
 import yaml
 
 sys.path.insert(0, workflow.basedir)
+# Jobs call `amorlip`: use the one installed beside this Snakemake's interpreter (.venv/bin), so
+# `.venv/bin/snakemake ...` works without activating the venv (also inside SLURM jobs).
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 from amorlip.config import ConfigError, expand_runs, load_config, tracking_uri  # noqa: E402
 
 try:
@@ -43,11 +46,6 @@ def _write_resolved_config():
 
 # Every rule passes this file as `--config`; it holds the validated config with defaults filled.
 CONFIG_FILE = _write_resolved_config()
-
-
-def run_resources(run):
-    r = RUNS[run]
-    return r
 
 
 wildcard_constraints:
