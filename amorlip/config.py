@@ -92,16 +92,14 @@ def validate(raw: Mapping[str, Any]) -> dict:
     # Run entries are partial overrides of `defaults`: check them without filling defaults, or a
     # run's filled-in default would silently override the user's `defaults` block.
     errors = []
-    if "runs" in config:
-        runs = config.pop("runs")
-        plain = jsonschema.Draft202012Validator({"$defs": schema["$defs"], **schema["properties"]["runs"]})
-        errors += [_prefixed(e, "runs") for e in plain.iter_errors(runs)]
+    runs = config.pop("runs", copy.deepcopy(schema["properties"]["runs"]["default"]))
+    plain = jsonschema.Draft202012Validator({"$defs": schema["$defs"], **schema["properties"]["runs"]})
+    errors += [_prefixed(e, "runs") for e in plain.iter_errors(runs)]
+    runs_schema = schema["properties"].pop("runs")
     validator = _DefaultFillingValidator(schema)
     errors += list(validator.iter_errors(config))
-    if "runs" in locals() and isinstance(runs, dict):
-        config["runs"] = runs
-    elif "runs" not in config:
-        config["runs"] = copy.deepcopy(schema["properties"]["runs"]["default"])
+    schema["properties"]["runs"] = runs_schema
+    config["runs"] = runs
     errors = sorted(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         lines = [_format_error(e) for e in errors[:5]]
@@ -109,6 +107,7 @@ def validate(raw: Mapping[str, Any]) -> dict:
     # nested objects reached through a default (e.g. datasets.*.emoji) need a second pass so their
     # own defaults are filled too; the result is idempotent.
     runs = config.pop("runs")
+    schema["properties"].pop("runs")
     list(_DefaultFillingValidator(schema).iter_errors(config))
     config["runs"] = runs
     return config

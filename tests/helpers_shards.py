@@ -77,8 +77,8 @@ def make_shards(folder: str | Path, n_shards: int, per_shard: int, image_size: i
                     image = image[: len(image) // 2]
                 elif kind == "empty_caption":
                     caption = "  "
-                meta = {"key": key, "caption": caption, "url": f"http://127.0.0.1/{key}.jpg", "status": "success",
-                        "error_message": None, "width": image_size, "height": image_size}
+                meta = {"key": key, "caption": caption, "url": f"http://127.0.0.1/{key}.jpg",
+                        "status": "success", "error_message": None, "width": image_size, "height": image_size}
                 if kind != "missing_image":
                     last_image = (i, tf.offset + 512, len(image))  # data follows the 512-byte header
                     _add(tf, f"{key}.jpg", image)

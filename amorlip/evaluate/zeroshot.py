@@ -56,10 +56,12 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     targets = targets.detach().long().cpu()
     num_classes = logits.shape[1]
     pred = logits.argmax(dim=1)
-    metrics = {"acc1": (pred == targets).float().mean().item()}
+    n = len(targets)
+    # counts / n in Python floats: exact fractions, not float32 means
+    metrics = {"acc1": (pred == targets).sum().item() / n}
     if num_classes >= 5:
         top5 = logits.topk(5, dim=1).indices
-        metrics["acc5"] = (top5 == targets[:, None]).any(dim=1).float().mean().item()
+        metrics["acc5"] = (top5 == targets[:, None]).any(dim=1).sum().item() / n
     metrics["mean_per_class_recall"] = float(balanced_accuracy_score(targets.numpy(), pred.numpy()))
     return metrics
 
@@ -77,9 +79,9 @@ def worst_group_accuracy(logits: torch.Tensor, targets: torch.Tensor, groups: to
     ``*_wg`` field; DataComp's GeoDE ``acc_wg``, Dollar Street ``acc_top5_wg`` and FMoW
     ``acc_worst_region``)."""
     topk = logits.topk(min(k, logits.shape[1]), dim=1).indices.cpu()
-    correct = (topk == targets.cpu()[:, None]).any(dim=1).float()
+    correct = (topk == targets.cpu()[:, None]).any(dim=1)
     groups = groups.cpu().long()
-    return min(correct[groups == g].mean().item() for g in torch.unique(groups))
+    return min(correct[groups == g].sum().item() / (groups == g).sum().item() for g in torch.unique(groups))
 
 
 def chance_level(metric: str, num_classes: int | None = None, num_samples: int | None = None) -> float | None:

@@ -1,5 +1,49 @@
-# Training: one job per run (torchrun on one node; srun with one rank per GPU on several nodes),
-# then export to a plain open_clip state dict.
+# Training: one job per run, then export to a plain open_clip state dict.
+#
+# How the ranks start (docs/slurm.md has the whole story):
+# - locally (and inside a plain `sbatch --wrap "snakemake --cores N"`), `amorlip launch --nproc N`
+#   runs torchrun on this machine;
+# - under `--executor slurm` with more than one rank, the job is an MPI-style rule (`mpi` resource):
+#   the SLURM plugin runs its shell once in the batch step, and the shell starts one rank per GPU
+#   with `srun` across `nodes` nodes; `distributed.py` maps SLURM_PROCID/LOCALID/NTASKS. Only then do
+#   SLURM's signals (`--signal=USR1@T` before the time limit, scancel --signal) reach the trainer
+#   itself rather than the Snakemake process that wraps an ordinary job.
+import os as _os
+
+
+def _train_ranks(run):
+    r = RUNS[run]
+    return r.nproc * r.nodes
+
+
+def _under_slurm():
+    """True in every Snakemake process of a SLURM run: the submitting one (executor `slurm`), the
+    one in the batch script (`slurm-jobstep`) and the one that finally runs the shell (mode `remote`
+    inside a SLURM job). They must agree, since each re-evaluates the `mpi` resource."""
+    plugin = workflow.executor_plugin
+    name = getattr(plugin, "name", "") or ""
+    if name in ("slurm", "slurm-jobstep"):
+        return True
+    return workflow.remote_exec and "SLURM_JOB_ID" in _os.environ
+
+
+def _train_mpi(wc):
+    # None drops the resource: one rank (the plugin refuses MPI jobs with one task) or no SLURM.
+    return "srun" if _under_slurm() and _train_ranks(wc.run) > 1 else None
+
+
+def _train_launcher(wc, resources):
+    """The `srun` prefix of an MPI-style train job, else nothing (amorlip launch uses torchrun).
+
+    srun gets the geometry explicitly: the SLURM plugin strips SLURM_NTASKS & co. from the job's
+    environment. Every rank sees all GPUs of its node; distributed.py picks cuda:SLURM_LOCALID.
+    """
+    if "mpi" not in resources.keys():
+        return ""
+    r = RUNS[wc.run]
+    cpus = resources.get("cpus_per_task") or 1
+    return (f"{resources.mpi} --nodes={r.nodes} --ntasks={r.nproc * r.nodes} "
+            f"--ntasks-per-node={r.nproc} --cpus-per-task={cpus} --kill-on-bad-exit=1")
 
 
 rule mlflow_init:
@@ -24,15 +68,27 @@ rule train_run:
     params:
         cfg=CONFIG_FILE,
         nproc=lambda wc: RUNS[wc.run].nproc,
+        launcher=_train_launcher,
     threads: lambda wc: max(1, RUNS[wc.run].nproc)
+    # Task geometry comes from the run (nodes x nproc ranks, one GPU each); CPUs per rank are the
+    # main process plus its loader workers. Memory, runtime, partition, the preemption signal: the
+    # profile (profiles/slurm). Locally only train_slots matters (a global limit when given).
     resources:
         train_slots=1,
+        mpi=_train_mpi,
+        nodes=lambda wc: RUNS[wc.run].nodes,
+        # the plugin takes exactly one of tasks / tasks_per_node for MPI jobs, each > 1
+        tasks=lambda wc: None if RUNS[wc.run].nodes > 1 and RUNS[wc.run].nproc > 1 else _train_ranks(wc.run),
+        tasks_per_node=lambda wc: RUNS[wc.run].nproc if RUNS[wc.run].nodes > 1 and RUNS[wc.run].nproc > 1 else None,
+        tasks_per_gpu=0,  # else the plugin turns `tasks` into --ntasks-per-gpu
+        gres=lambda wc: f"gpu:{RUNS[wc.run].nproc}",  # per node; profile may override (CPU cluster: "''")
+        cpus_per_task=lambda wc: RUNS[wc.run].workers + 1,
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{LOGS}/train/{{run}}.benchmark.tsv"
     shell:
-        "amorlip launch --nproc {params.nproc} -- train --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
+        "{params.launcher} amorlip launch --nproc {params.nproc} -- train --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule export:

@@ -1,0 +1,371 @@
+"""The pipeline's last step: one table row per run, plots, and everything on the MLflow parent run.
+
+Reads ``results/{run}/{suite}.json`` (the evaluator's contract) and ``runs/{run}/train.json`` and
+``metrics.jsonl`` (the trainer's) for every run of the config, and writes:
+
+- ``results/summary.csv``: one row per run: run, method, variant, batch, seed, each task's main
+  metric, group means, suite mean, its coverage, relative gain over the matching baseline, steps,
+  images/s, wall time. Metric values are percentages; a missing task is an empty cell, never 0.
+- ``results/summary.md``: the same for people, plus per-task tables with chance levels and which
+  AmorLIP variant ran.
+- ``results/plots/*.png``: training loss curves per run; per suite, a bar chart of each task's main
+  metric with the runs side by side and chance marked.
+
+The relative gain is ``mean / baseline mean - 1`` in percent (the paper's "12.24%" is 24.11 / 21.48
+- 1 on Avg 38), against the run of ``report.baseline_method`` with the same dataset, model, batch
+size and seed, and only when both runs cover the same tasks (otherwise the means are not comparable).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from amorlip.config import RunConfig, expand_runs, tracking_uri
+
+log = logging.getLogger(__name__)
+
+VARIANT_TEXT = {
+    "published": "what the authors' code ran: Lambda = mixed target, pos_coef 1e-3",
+    "paper": "the paper's Eq. 6: Lambda = EMA lambda net, pos_coef 1",
+}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        log.warning("%s not found; its cells stay empty", path)
+    except ValueError as exc:
+        log.warning("%s is not valid JSON (%s); its cells stay empty", path, exc)
+    return None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash; the rest is still worth plotting
+    return rows
+
+
+def collect(config: Mapping[str, Any]) -> dict[str, dict]:
+    """Per run: its RunConfig, train.json, metrics.jsonl records and ``{suite: results}``."""
+    runs_dir, results_dir = Path(config["paths"]["runs"]), Path(config["paths"]["results"])
+    out = {}
+    for name, run in expand_runs(config).items():
+        out[name] = {
+            "config": run,
+            "train": _read_json(runs_dir / name / "train.json") or {},
+            "curve": _read_jsonl(runs_dir / name / "metrics.jsonl"),
+            "suites": {s: _read_json(results_dir / name / f"{s}.json") for s in config["evaluation"]["suites"]},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100.0 * value, 4)
+
+
+def baseline_for(run: RunConfig, runs: Mapping[str, RunConfig], method: str) -> str | None:
+    """The run of ``method`` with the same dataset, model, batch size and seed (None if none or self)."""
+    if run.method == method:
+        return None
+    for name, other in runs.items():
+        if (other.method == method and other.batch_size == run.batch_size and other.seed == run.seed
+                and other.dataset == run.dataset and other.model == run.model):
+            return name
+    return None
+
+
+def relative_gain(mean: float | None, baseline_mean: float | None) -> float | None:
+    """``(mean / baseline - 1) * 100``; None when either is unknown or the baseline is 0."""
+    if mean is None or not baseline_mean:
+        return None
+    return 100.0 * (mean / baseline_mean - 1.0)
+
+
+def _covered_keys(res: Mapping[str, Any] | None) -> frozenset[str]:
+    return frozenset(k for k, v in (res or {}).get("tasks", {}).items() if "main" in v)
+
+
+def _variant(info: Mapping[str, Any]) -> str:
+    run: RunConfig = info["config"]
+    return info["train"].get("variant") or run.variant
+
+
+def summary_rows(config: Mapping[str, Any], data: Mapping[str, dict]) -> tuple[list[str], list[dict]]:
+    """CSV columns and one row per run (percentages; None for unknown/missing)."""
+    runs = {name: info["config"] for name, info in data.items()}
+    baseline_method = config["report"]["baseline_method"]
+    suites = config["evaluation"]["suites"]
+    columns = ["run", "method", "variant", "dataset", "model", "batch", "seed"]
+    task_cols: dict[str, list[str]] = {s: [] for s in suites}
+    group_cols: dict[str, list[str]] = {s: [] for s in suites}
+    for info in data.values():
+        for s in suites:
+            res = info["suites"].get(s) or {}
+            for key in res.get("tasks", {}):
+                if key not in task_cols[s] and (res["tasks"][key].get("main_metric")):
+                    task_cols[s].append(key)
+            for g in res.get("aggregates", {}).get("groups", {}):
+                if g not in group_cols[s]:
+                    group_cols[s].append(g)
+    for s in suites:
+        columns += [f"{s}/{k}" for k in task_cols[s]] + [f"{s}/group/{g}" for g in group_cols[s]]
+        columns += [f"{s}/mean", f"{s}/covered", f"{s}/gain_vs_{baseline_method}_pct"]
+    columns += ["baseline_run", "steps", "images_per_s", "wall_time_s"]
+
+    rows = []
+    for name, info in data.items():
+        run: RunConfig = info["config"]
+        base = baseline_for(run, runs, baseline_method)
+        row: dict[str, Any] = {"run": name, "method": run.method, "variant": _variant(info),
+                               "dataset": run.dataset, "model": run.model, "batch": run.batch_size,
+                               "seed": run.seed, "baseline_run": base}
+        for s in suites:
+            res = info["suites"].get(s) or {}
+            tasks, agg = res.get("tasks", {}), res.get("aggregates", {})
+            for key in task_cols[s]:
+                row[f"{s}/{key}"] = _pct(tasks.get(key, {}).get("main"))
+            for g in group_cols[s]:
+                row[f"{s}/group/{g}"] = _pct(agg.get("groups", {}).get(g))
+            row[f"{s}/mean"] = _pct(agg.get("mean_main"))
+            row[f"{s}/covered"] = f"{agg['covered']}/{agg['total']}" if agg else None
+            gain = None
+            if base is not None:
+                base_res = data[base]["suites"].get(s)
+                if base_res and _covered_keys(base_res) == _covered_keys(res):
+                    gain = relative_gain(agg.get("mean_main"), base_res["aggregates"].get("mean_main"))
+                elif base_res:
+                    log.warning("%s vs %s on %s: different task coverage; no relative gain", name, base, s)
+            row[f"{s}/gain_vs_{baseline_method}_pct"] = None if gain is None else round(gain, 4)
+        train = info["train"]
+        row["steps"] = train.get("steps")
+        row["images_per_s"] = None if train.get("images_per_s") is None else round(float(train["images_per_s"]), 2)
+        row["wall_time_s"] = None if train.get("wall_time_s") is None else round(float(train["wall_time_s"]), 1)
+        rows.append(row)
+    return columns, rows
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return lines
+
+
+def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: list[dict]) -> str:
+    suites = config["evaluation"]["suites"]
+    base_m = config["report"]["baseline_method"]
+    lines = [f"# {config['name']}: summary", "",
+             "Zero-shot main metric of each task, in %; a dash is a task that was not evaluated (its eval set "
+             "is missing), which never counts as 0. "
+             f"Gain = suite mean / mean of the `{base_m}` run with the same dataset, model, batch and seed - 1, in %.",
+             ""]
+    header = ["run", "method", "variant", "batch", "seed"]
+    for s in suites:
+        header += [f"{s} mean", "covered", f"gain vs {base_m} (%)"]
+    header += ["steps", "images/s", "wall time (s)"]
+    body = []
+    for row in rows:
+        cells = [row["run"], row["method"], row["variant"], str(row["batch"]), str(row["seed"])]
+        for s in suites:
+            gain = row[f"{s}/gain_vs_{base_m}_pct"]
+            cells += [_cell(row[f"{s}/mean"]), _cell(row[f"{s}/covered"]),
+                      "–" if gain is None else f"{gain:+.2f}"]
+        cells += [_cell(row["steps"]), _cell(row["images_per_s"], 1), _cell(row["wall_time_s"], 0)]
+        body.append(cells)
+    lines += ["## Runs", ""] + _md_table(header, body) + [""]
+
+    for s in suites:
+        per_run = {name: info["suites"].get(s) for name, info in data.items()}
+        any_res = next((r for r in per_run.values() if r), None)
+        if any_res is None:
+            lines += [f"## {s}", "", "No results.", ""]
+            continue
+        lines += [f"## {s}: per task (%)", ""]
+        header = ["task", "main metric", "group", "chance"] + list(per_run)
+        body = []
+        for key, entry in any_res["tasks"].items():
+            if not entry.get("main_metric"):
+                continue
+            chance = next((r["tasks"].get(key, {}).get("chance") for r in per_run.values()
+                           if r and r["tasks"].get(key, {}).get("chance") is not None), None)
+            body.append([key, entry["main_metric"], entry.get("group") or "", _cell(_pct(chance))]
+                        + [_cell(_pct((r or {}).get("tasks", {}).get(key, {}).get("main"))) for r in per_run.values()])
+        groups = any_res["aggregates"].get("groups", {})
+        for g in groups:
+            body.append([f"**{g}**", "group mean", "", ""]
+                        + [_cell(_pct((r or {}).get("aggregates", {}).get("groups", {}).get(g))) for r in per_run.values()])
+        body.append(["**mean**", "", "", _cell(_pct(any_res["aggregates"].get("chance_mean_main")))]
+                    + [_cell(_pct((r or {}).get("aggregates", {}).get("mean_main"))) for r in per_run.values()])
+        lines += _md_table(header, body) + [""]
+        missing = sorted({k for r in per_run.values() if r for k in r["aggregates"].get("missing", [])})
+        if missing:
+            lines += [f"Not evaluated ({len(missing)}): " + ", ".join(f"`{k}`" for k in missing), ""]
+
+    notes = []
+    for name, info in data.items():
+        if info["config"].method == "amorlip":
+            run = info["config"]
+            variant = _variant(info)
+            notes.append(f"- `{name}` ran AmorLIP variant **{variant}** ({VARIANT_TEXT.get(variant, variant)}; "
+                         f"pos_coef {run.amorlip.pos_coef:g}, encoder partition `{run.amorlip.encoder_partition}`, "
+                         f"lambda loss `{run.amorlip.lambda_loss}`).")
+    notes.append("- Chance: 1/classes for top-1 accuracy and mean per-class recall, 1/images for retrieval "
+                 "recall@1; the suite's chance mean averages the covered tasks' chance levels.")
+    lines += ["## Notes", ""] + notes + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(data: Mapping[str, dict], out: Path) -> Path | None:
+    """One panel per run: every logged loss term against step (objectives differ in scale)."""
+    curves = {name: info["curve"] for name, info in data.items() if info["curve"]}
+    if not curves:
+        log.warning("no metrics.jsonl found; no loss-curve plot")
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), squeeze=False)
+    for ax, (name, records) in zip(axes[0], curves.items()):
+        keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+        ax.set_title(f"{name} ({data[name]['config'].method})")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_suite_bars(suite: str, data: Mapping[str, dict], out: Path) -> Path | None:
+    """Each task's main metric (%), runs side by side, chance as a black tick; missing tasks: no bar."""
+    per_run = {name: info["suites"].get(suite) for name, info in data.items() if info["suites"].get(suite)}
+    if not per_run:
+        return None
+    keys = [k for k, v in next(iter(per_run.values()))["tasks"].items() if v.get("main_metric")]
+    plt = _pyplot()
+    width = 0.8 / len(per_run)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(keys) * max(1, len(per_run)) + 2), 3.8))
+    for i, (name, res) in enumerate(per_run.items()):
+        xs = [j + (i - (len(per_run) - 1) / 2) * width for j in range(len(keys))]
+        vals = [_pct(res["tasks"].get(k, {}).get("main")) for k in keys]
+        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width, label=name)
+    labelled = False
+    for j, key in enumerate(keys):
+        chance = next((r["tasks"].get(key, {}).get("chance") for r in per_run.values()
+                       if r["tasks"].get(key, {}).get("chance") is not None), None)
+        if chance is not None:
+            ax.hlines(100 * chance, j - 0.45, j + 0.45, colors="black", linestyles="--", linewidth=1,
+                      label=None if labelled else "chance")
+            labelled = True
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=45 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center", fontsize=8)
+    ax.set_ylabel("main metric (%)")
+    ax.set_title(f"{suite}: zero-shot main metric per task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- the pipeline step
+
+
+def report(config: Mapping[str, Any]) -> dict[str, Path]:
+    """``amorlip report``: summary.csv / summary.md / plots, all logged to the MLflow parent run."""
+    from amorlip.tracking import log_to_parent
+
+    results_dir = Path(config["paths"]["results"])
+    plots = results_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    data = collect(config)
+    columns, rows = summary_rows(config, data)
+    csv_path = write_csv(results_dir / "summary.csv", columns, rows)
+    md_path = results_dir / "summary.md"
+    tmp = md_path.with_name(f".{md_path.name}.tmp{os.getpid()}")
+    tmp.write_text(summary_markdown(config, data, rows))
+    os.replace(tmp, md_path)
+    pngs = [p for p in [plot_loss_curves(data, plots / "loss_curves.png")]
+            + [plot_suite_bars(s, data, plots / f"{s}_tasks.png") for s in config["evaluation"]["suites"]] if p]
+
+    base_m = config["report"]["baseline_method"]
+    metrics = {}
+    for row in rows:
+        for s in config["evaluation"]["suites"]:
+            for col, name in ((f"{s}/mean", "mean_main"), (f"{s}/gain_vs_{base_m}_pct", f"gain_vs_{base_m}_pct")):
+                if row.get(col) is not None:
+                    metrics[f"{row['run']}/{s}/{name}"] = row[col]
+    log_to_parent(config, metrics=metrics, artifacts=[csv_path, md_path, *pngs],
+                  params={"runs": ",".join(data), "suites": ",".join(config["evaluation"]["suites"]),
+                          "baseline_method": base_m})
+    log.info("report: %d run(s) -> %s, %s, %d plot(s) in %s", len(rows), csv_path, md_path, len(pngs), plots)
+    return {"csv": csv_path, "md": md_path, **{p.stem: p for p in pngs}}
+
+
+def print_demo_summary(config: Mapping[str, Any]) -> None:
+    """Print summary.md, where the outputs are, and the command that opens MLflow."""
+    results_dir = Path(config["paths"]["results"])
+    md = results_dir / "summary.md"
+    if not md.exists():
+        print(f"No summary yet ({md} not found): run the pipeline first (make demo).")
+        return
+    print(md.read_text())
+    print("Outputs:")
+    print(f"  table   {results_dir / 'summary.csv'}  and  {md}")
+    print(f"  plots   {results_dir / 'plots'}/")
+    print(f"  per run {results_dir}/<run>/<suite>.json, {config['paths']['runs']}/<run>/train.json")
+    print("Browse every run (parent pipeline run with one child per train / evaluate job):")
+    print(f"  mlflow ui --backend-store-uri {tracking_uri(config)}")

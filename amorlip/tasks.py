@@ -1,0 +1,237 @@
+"""Task objects: a model plus its objective, one training step at a time (docs/architecture.md).
+
+Shaped like open_clip's ``CLIPTask``: the trainer owns the loop, the optimizer and the engine; a
+task owns what the method adds. ``task.model`` may be swapped for a DeepSpeed engine: it is only
+ever called as ``self.model(images, texts)`` and must return a dict with ``image_features``,
+``text_features`` (L2-normalised), ``logit_scale`` (= s) and, for SigLIP, ``logit_bias``.
+
+The AmorLIP step follows method notes 1.7 (steps 6-12 without the encoder backward) and pitfall 6:
+forward once; no-grad global targets; mix with the previous-epoch net; Stage I (lambda Adam steps on
+the same, detached features); read Lambda for the encoder; EMA update; the encoder loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from amorlip.amortizer import LambdaState
+from amorlip.config import RunConfig
+from amorlip.objectives.amorlip import (
+    encoder_loss,
+    lambda_loss,
+    mix_log_targets,
+    partition_targets,
+    weighted_logits,
+)
+from amorlip.objectives.clip import as_fp32_scale, clip_loss
+from amorlip.objectives.distributed import gather_no_grad
+from amorlip.objectives.siglip import siglip_loss
+from amorlip.objectives.temperature import clamp_logit_scale_, rescale_loss
+from amorlip.schedules import beta_for_epoch, is_ema_step, is_lambda_step, is_reinit_epoch, rho_for_epoch
+
+log = logging.getLogger(__name__)
+
+
+class _Task:
+    """What every method shares: the model call, the temperature clamp and a plain-torch step."""
+
+    method = "base"
+
+    def __init__(self, run: RunConfig, model: nn.Module, group=None):
+        self.run = run
+        self.model = model
+        self.group = group
+        self.epoch = 0
+        self.steps_per_epoch = 0
+
+    def _features(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        out = self.model(images, texts)
+        missing = {"image_features", "text_features", "logit_scale"} - set(out)
+        if missing:
+            raise KeyError(f"model output lacks {sorted(missing)}; create it with output_dict=True")
+        return out
+
+    def start_epoch(self, epoch: int, steps_per_epoch: int) -> None:
+        self.epoch = epoch
+        self.steps_per_epoch = steps_per_epoch
+
+    def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
+        raise NotImplementedError
+
+    def after_encoder_step(self) -> None:
+        """Clamp log s to [0, ln max_logit_scale] after every optimiser step (notes 1.5.6)."""
+        clamp_logit_scale_(self.model, self.run.max_logit_scale)
+
+    def training_step(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int,
+                      optimizer: torch.optim.Optimizer) -> dict:
+        """Forward, zero_grad, backward, clip (``run.grad_clip``), step, clamp: plain-torch use and tests."""
+        out = self.training_forward(images, texts, step_in_epoch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.run.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        optimizer.step()
+        self.after_encoder_step()
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def lambda_nets_state(self) -> dict | None:
+        return None
+
+
+class ClipTask(_Task):
+    """CLIP: ``clip_loss`` over global negatives, no loss rescaling."""
+
+    method = "clip"
+
+    def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
+        out = self._features(images, texts)
+        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], group=self.group)
+        return {"loss": loss, "clip_loss": float(loss.detach()), "logit_scale": float(out["logit_scale"].detach())}
+
+
+class SiglipTask(_Task):
+    """SigLIP: sigmoid loss with the model's learnable logit bias."""
+
+    method = "siglip"
+
+    def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
+        out = self._features(images, texts)
+        if out.get("logit_bias") is None:
+            raise KeyError("SigLIP needs a model with a logit bias (create_model(..., siglip_init_bias=b))")
+        loss = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                           out["logit_bias"], group=self.group)
+        return {"loss": loss, "siglip_loss": float(loss.detach()), "logit_scale": float(out["logit_scale"].detach()),
+                "logit_bias": float(out["logit_bias"].detach())}
+
+
+class AmorlipTask(_Task):
+    """AmorLIP: lambda nets amortize the log-partition functions (notes 1.7).
+
+    ``run.amorlip.encoder_partition`` picks the variant's Lambda: ``mixed_target`` (published code,
+    ``--fit_w_prev``: the mixed target Z_comb itself) or ``ema_net`` (paper Eq. 6: the EMA net,
+    read after this step's lambda updates and before this step's EMA update).
+    """
+
+    method = "amorlip"
+
+    def __init__(self, run: RunConfig, model: nn.Module, embed_dim: int, device: torch.device | str,
+                 group=None):
+        super().__init__(run, model, group)
+        am = run.amorlip
+        if am.encoder_partition not in ("mixed_target", "ema_net"):
+            raise ValueError(f"unknown encoder_partition {am.encoder_partition!r}")
+        self.config = am
+        self.lambdas = LambdaState(
+            embed_dim, hidden_factor=am.lambda_hidden_factor, lr=am.lambda_lr, ema_alpha=am.ema_alpha,
+            grad_clip=am.lambda_grad_clip, seed=run.seed, device=device, group=group,
+        )
+        self.beta = 0.0
+        self.rho = rho_for_epoch(0, am.rho, run.epochs)
+        self.last_lambda_loss = math.nan
+
+    def start_epoch(self, epoch: int, steps_per_epoch: int) -> None:
+        """Set beta and rho of ``epoch`` and apply the lambda life cycle once per epoch.
+
+        After ``load_state_dict`` of a checkpoint taken inside ``epoch``, the life cycle of that epoch
+        has already run and is not repeated (a mid-epoch resume continues the same nets).
+        """
+        super().start_epoch(epoch, steps_per_epoch)
+        am = self.config
+        self.beta = beta_for_epoch(epoch, am.beta_max, am.beta_epochs)
+        self.rho = rho_for_epoch(epoch, am.rho, self.run.epochs)
+        if self.lambdas.lifecycle_epoch != epoch:
+            self.lambdas.start_epoch(epoch, reinit=is_reinit_epoch(epoch, am.reinit_every_epochs))
+        log.info("epoch %d: beta %.4f, rho %.3f", epoch, self.beta, self.rho)
+
+    def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
+        if self.lambdas.lifecycle_epoch is None:
+            raise RuntimeError("call start_epoch(epoch, steps_per_epoch) before the first step")
+        am = self.config
+        p = am.pos_coef
+        out = self._features(images, texts)
+        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        # detach point: the lambda side only ever sees these (pitfall 3)
+        x_bar, y_bar = img.detach().float(), txt.detach().float()
+        s_bar = as_fp32_scale(scale, x_bar.device).detach()
+
+        log_t_img, log_t_txt = partition_targets(x_bar, y_bar, s_bar, pos_coef=p, group=self.group)
+        if self.beta > 0.0:
+            prev_img, prev_txt = self.lambdas.predict("prev", x_bar, y_bar)
+            log_z_img = mix_log_targets(log_t_img, prev_img, self.beta)
+            log_z_txt = mix_log_targets(log_t_txt, prev_txt, self.beta)
+        else:
+            log_z_img, log_z_txt = log_t_img, log_t_txt
+
+        updates = 0
+        if is_lambda_step(step_in_epoch, am.t_online):
+            pair_img = pair_txt = None
+            if am.lambda_loss != "l2_log":
+                with torch.no_grad():
+                    pair_img, pair_txt = weighted_logits(x_bar, y_bar, s_bar, p, self.group, gather=gather_no_grad)
+
+            def stage_one_loss(log_lambda_img: torch.Tensor, log_lambda_txt: torch.Tensor) -> torch.Tensor:
+                return (lambda_loss(log_lambda_img, log_z_img, am.lambda_loss, pair_logits=pair_img,
+                                    div_reg_coef=am.div_reg_coef)
+                        + lambda_loss(log_lambda_txt, log_z_txt, am.lambda_loss, pair_logits=pair_txt,
+                                      div_reg_coef=am.div_reg_coef))
+
+            self.last_lambda_loss = self.lambdas.fit(x_bar, y_bar, stage_one_loss, am.t_lambda)
+            updates = am.t_lambda
+
+        # read the EMA net after this step's lambda updates and before its EMA update (notes 1.6)
+        ema_img, ema_txt = self.lambdas.predict("ema", x_bar, y_bar)
+        if am.encoder_partition == "mixed_target":
+            lambda_img, lambda_txt = log_z_img, log_z_txt
+        else:
+            lambda_img, lambda_txt = ema_img, ema_txt
+        if is_ema_step(step_in_epoch, am.t_target):
+            self.lambdas.update_ema()
+
+        enc = encoder_loss(img, txt, scale, lambda_img, lambda_txt, pos_coef=p, group=self.group)
+        loss = rescale_loss(enc, scale, self.rho) if am.scale_loss else enc
+
+        target_mean = 0.5 * float(log_z_img.mean() + log_z_txt.mean())
+        gap = 0.5 * float((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
+        return {
+            "loss": loss,
+            "encoder_loss": float(enc.detach()),
+            "lambda_loss": self.last_lambda_loss,
+            "lambda_gap": gap,
+            "log_target_mean": target_mean,
+            "logit_scale": float(s_bar),
+            "beta": self.beta,
+            "rho": self.rho,
+            "lambda_updates": updates,
+        }
+
+    def state_dict(self) -> dict:
+        return {"lambdas": self.lambdas.state_dict(), "last_lambda_loss": float(self.last_lambda_loss)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lambdas.load_state_dict(state["lambdas"])
+        self.last_lambda_loss = float(state["last_lambda_loss"])
+
+    def lambda_nets_state(self) -> dict:
+        return self.lambdas.ema_state()
+
+
+def build_task(run: RunConfig, model: nn.Module, embed_dim: int, device: torch.device | str,
+               group=None) -> _Task:
+    """The task of ``run.method`` around ``model``; ``group`` is the process group of the global batch."""
+    if run.method == "clip":
+        return ClipTask(run, model, group)
+    if run.method == "siglip":
+        return SiglipTask(run, model, group)
+    if run.method == "amorlip":
+        return AmorlipTask(run, model, embed_dim, device, group)
+    raise ValueError(f"unknown method {run.method!r} (clip, siglip, amorlip)")

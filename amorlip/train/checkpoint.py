@@ -1,0 +1,170 @@
+"""Checkpoints that a killed job can trust: DeepSpeed tags + a completion marker + per-rank RNG.
+
+Layout of ``runs/{run}/checkpoints/``::
+
+    step-0000040/                  one DeepSpeed tag (model states, per-rank ZeRO optimizer shards)
+        complete                   written by rank 0 after every rank finished saving (JSON)
+        rng-rank{r}.pt             each rank's torch / numpy / python / CUDA RNG states
+    latest                         DeepSpeed's own pointer (kept for its tools, never trusted)
+
+Why the marker: a job killed while writing (OOM killer, ``kill -9``, a node failure) leaves a tag
+directory that looks fine but misses files, and DeepSpeed writes ``latest`` before every rank is
+done. Resume only ever considers tags with a ``complete`` file and passes the tag explicitly.
+
+Everything the trainer adds (step, data position, lambda nets, counters, run config) travels in
+DeepSpeed's ``client_state`` as plain types; DeepSpeed itself loads its files with
+``weights_only=False`` (its optimizer state holds non-tensor objects), while our RNG files and the
+exported model load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from amorlip import distributed as dist_utils
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete"
+_TAG_RE = re.compile(r"^step-(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Tags with a completion marker, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir()
+            if p.is_dir() and step_of(p.name) is not None and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def latest_complete_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def torn_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Tag directories without a marker: interrupted saves, never resumed from."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None
+                   and not (p / COMPLETE_MARKER).is_file()), key=step_of)
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain lists (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+                    keep: int) -> str:
+    """Save tag ``step-NNNNNNN`` on every rank (DeepSpeed hangs if only one rank saves).
+
+    Order: (rank 0 clears a torn directory of the same tag) -> barrier -> DeepSpeed save + each
+    rank's RNG file -> barrier -> rank 0 writes the marker atomically, prunes old tags -> barrier.
+    Returns the tag.
+    """
+    root = Path(ckpt_dir)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if dist_utils.is_master():
+        root.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists() and not (tag_dir / COMPLETE_MARKER).exists():
+            shutil.rmtree(tag_dir)  # leftovers of a torn save: never mix old and new files
+    dist_utils.barrier()
+    t0 = time.monotonic()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    torch.save(rng_state(), tag_dir / f"rng-rank{dist_utils.rank()}.pt")
+    dist_utils.barrier()
+    if dist_utils.is_master():
+        marker = {"step": step, "world_size": dist_utils.world_size(), "time": time.time(),
+                  "save_s": round(time.monotonic() - t0, 3)}
+        tmp = tag_dir / f".{COMPLETE_MARKER}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(marker, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, tag_dir / COMPLETE_MARKER)
+        prune(root, keep)
+        log.info("checkpoint %s saved (%.1fs)", tag, time.monotonic() - t0)
+    dist_utils.barrier()
+    return tag
+
+
+def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
+    """Keep the newest ``keep`` complete tags; drop older ones and torn tags older than the newest."""
+    root = Path(ckpt_dir)
+    tags = complete_tags(root)
+    removed = []
+    doomed = tags[:-keep] if keep > 0 else []
+    newest = step_of(tags[-1]) if tags else None
+    if newest is not None:
+        doomed += [t for t in torn_tags(root) if step_of(t) < newest]
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        removed.append(tag)
+    return removed
+
+
+def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """Load ``tag`` into ``engine`` (module, ZeRO optimizer) on every rank; restore this rank's RNG.
+
+    Returns the client state. Raises if DeepSpeed cannot read the tag.
+    """
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    rng_file = Path(ckpt_dir) / tag / f"rng-rank{dist_utils.rank()}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # a different world size than at save time: ranks keep their fresh seeds
+        log.warning("no RNG state for rank %d in %s; keeping this rank's seeded state", dist_utils.rank(), tag)
+    return client_state

@@ -1,0 +1,151 @@
+"""``amorlip export``: the newest complete checkpoint -> ``runs/{run}/model.pt`` (plain open_clip weights).
+
+Why a separate file format instead of pointing evaluation at the DeepSpeed directory: ZeRO shards
+the optimizer (and under stage 3 the weights) per rank, and DeepSpeed loads its files with
+``weights_only=False``. ``model.pt`` holds only tensors and plain types, loads with
+``torch.load(path, weights_only=True)`` and restores a stock open_clip model::
+
+    {"format": "amorlip-model/1", "model_name", "model_config" (open_clip cfg), "model_kwargs",
+     "state_dict" (fp32), "run" (run config), "lambda_nets" ({"image", "text"} EMA nets | None),
+     "step", "checkpoint_tag", "method", "variant"}
+
+``open_clip.CLIP(**model_config, **model_kwargs)`` (or ``open_clip.create_model(model_name)`` once the
+config is registered) + ``load_state_dict(state_dict)`` gives the trained towers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amorlip.config import RunConfig, get_run
+
+log = logging.getLogger(__name__)
+
+FORMAT = "amorlip-model/1"
+
+
+def _zero_stage_files(tag_dir: Path) -> bool:
+    return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
+
+
+def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of ``tag``: rebuilt from the ZeRO master partitions (stages 1-3), else the module."""
+    from amorlip.distributed import prepare_deepspeed_cpu
+
+    prepare_deepspeed_cpu()
+    tag_dir = Path(ckpt_dir) / tag
+    if _zero_stage_files(tag_dir):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO stage 0: the module states are the weights
+        state = _model_states(tag_dir)["module"]
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def _model_states(tag_dir: Path) -> dict[str, Any]:
+    # DeepSpeed's own file (written by our trainer): it needs weights_only=False for its objects
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
+def client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """The trainer's client state of ``tag`` (position, task state, run config)."""
+    states = _model_states(Path(ckpt_dir) / tag)
+    skip = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
+            "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version", "param_shapes",
+            "frozen_param_shapes", "shared_params", "buffer_names", "frozen_param_fragments",
+            "data_sampler", "random_ltd", "sparse_tensor_module_names"}
+    return {k: v for k, v in states.items() if k not in skip}
+
+
+def _lambda_nets(run: RunConfig, model, task_state: dict | None) -> dict | None:
+    """The EMA lambda nets through the task's own contract (``lambda_nets_state``)."""
+    if run.method != "amorlip" or not task_state:
+        return None
+    from amorlip.models import model_config
+    from amorlip.tasks import build_task
+
+    embed_dim = model_config(run.model)["embed_dim"]
+    task = build_task(run, model, embed_dim, "cpu")
+    task.load_state_dict(task_state)
+    return task.lambda_nets_state()
+
+
+def export(config: dict, run_name: str, out: str | os.PathLike | None = None) -> Path:
+    """Write ``runs/{run}/model.pt`` from the newest complete checkpoint; returns its path."""
+    from amorlip.models import create_model, model_config
+    from amorlip.train.checkpoint import latest_complete_tag
+
+    run = get_run(config, run_name)
+    run_dir = Path(config["paths"]["runs"]) / run_name
+    ckpt_dir = run_dir / "checkpoints"
+    tag = latest_complete_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}; train the run first "
+                                f"(amorlip train --config ... --run {run_name})")
+    weights = consolidated_state_dict(ckpt_dir, tag)
+    extra = client_state(ckpt_dir, tag)
+    kwargs = {"init_logit_bias": float(run.siglip_init_bias)} if "logit_bias" in weights else {}
+    model, _, _ = create_model(run.model, siglip_init_bias=kwargs.get("init_logit_bias"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+        raise RuntimeError(f"checkpoint {tag} does not match model {run.model}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    payload = {
+        "format": FORMAT,
+        "model_name": run.model,
+        "model_config": model_config(run.model),
+        "model_kwargs": kwargs,
+        "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+        "run": json.loads(json.dumps(run.to_dict())),
+        "lambda_nets": _lambda_nets(run, model, extra.get("task")),
+        "step": int(extra.get("position", {}).get("steps_done", -1)),
+        "checkpoint_tag": tag,
+        "method": run.method,
+        "variant": run.variant,
+    }
+    out = Path(out) if out is not None else run_dir / "model.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: never ship a file that fails it
+    os.replace(tmp, out)
+    log.info("exported %s (step %d, %s) -> %s", run_name, payload["step"], tag, out)
+    return out
+
+
+def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``model.pt`` -> ``(model in eval mode, preprocess_val, tokenizer, meta)`` for evaluation.
+
+    ``meta`` is the file's content without the state dict (run config, lambda nets, step, ...).
+    """
+    from amorlip.models import create_model, get_tokenizer, known_model_names
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an amorlip model file (format {payload.get('format')!r}, expected {FORMAT})")
+    name = payload["model_name"]
+    kwargs = payload.get("model_kwargs") or {}
+    if name in known_model_names():
+        model, _, preprocess_val = create_model(name, siglip_init_bias=kwargs.get("init_logit_bias"))
+    else:  # a config this installation does not ship: build from the stored architecture
+        import open_clip
+
+        cfg = payload["model_config"]
+        model = open_clip.CLIP(**cfg, output_dict=True, **kwargs)
+        preprocess_val = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    model.to(device).eval()
+    tokenizer = get_tokenizer(name) if name in known_model_names() else None
+    if tokenizer is None:
+        import open_clip
+
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, preprocess_val, tokenizer, meta

@@ -1,0 +1,156 @@
+"""What a training run leaves for people: the progress bar, metrics.jsonl, the loss-curve PNG.
+
+``metrics.jsonl`` is the local record of every logged step (one JSON object per line), written
+whether or not MLflow is reachable. After a resume it is cut back to the checkpoint's step, so the
+file never holds two entries for one step (a killed attempt may have logged steps past its last
+checkpoint; they are trained again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class MetricsFile:
+    """Append-only JSONL of logged steps (rank 0)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop entries with ``step`` greater than ``step`` (a resumed run redoes them); returns kept."""
+        if not self.path.exists():
+            return 0
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        return len(kept)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def loss_terms(out: Mapping[str, Any]) -> dict[str, float]:
+    """The named float losses of a task's output (``loss`` as a float plus every ``*_loss``)."""
+    loss = out["loss"]
+    terms = {"loss": float(loss.detach() if hasattr(loss, "detach") else loss)}
+    for key, value in out.items():
+        if key.endswith("_loss") and isinstance(value, (int, float)):
+            terms[key] = float(value)
+    return terms
+
+
+def nonfinite_terms(out: Mapping[str, Any]) -> dict[str, float]:
+    """Loss terms that are NaN or infinite (empty when the step is healthy)."""
+    return {k: v for k, v in loss_terms(out).items() if not math.isfinite(v)}
+
+
+def plot_loss_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path | None:
+    """Loss terms, logit scale and lambda gap against step; None when there is nothing to plot."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
+    extra = [k for k in ("logit_scale", "lambda_gap", "lr") if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(5 * (1 + len(extra)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for key in loss_keys:
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key)
+    ax.set_xlabel("step")
+    ax.set_title("losses")
+    ax.legend(fontsize=8)
+    for axis, key in zip(axes[0][1:], extra):
+        axis.plot(steps, [r.get(key, float("nan")) for r in records])
+        axis.set_xlabel("step")
+        axis.set_title(key)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+class Progress:
+    """tqdm on rank 0 (step, loss, images/s, ETA); silent elsewhere.
+
+    In a log file (Snakemake's ``log:``) the bar is refreshed every 10 s instead of continuously.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
+                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0,
+                        file=sys.stderr)
+
+    def update(self, loss: float, images_per_s: float, epoch: int) -> None:
+        self.bar.set_postfix({"loss": f"{loss:.4f}", "img/s": f"{images_per_s:.1f}", "epoch": epoch},
+                             refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    """Images per second over the steps since the last :meth:`rate` call (global batch)."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.t0 = time.monotonic()
+        self.steps = 0
+        self.last = 0.0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        if self.steps and elapsed > 0:
+            self.last = self.steps * self.global_batch / elapsed
+        self.t0, self.steps = time.monotonic(), 0
+        return self.last
+
+    def peek(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return self.steps * self.global_batch / elapsed if self.steps and elapsed > 0 else self.last

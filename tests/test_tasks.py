@@ -1,0 +1,275 @@
+"""Task objects through their contract (docs/architecture.md), on a tiny two-tower model.
+
+The model is a real nn.Module (two linear towers + a learnable log s), trained on clustered Gaussian
+pairs; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amorlip.config import get_run, load_config
+from amorlip.objectives import clip_loss, encoder_loss, mix_log_targets, partition_targets
+from amorlip.schedules import beta_for_epoch, cosine_lr
+from amorlip.tasks import AmorlipTask, ClipTask, SiglipTask, build_task
+
+IN_DIM, EMBED, BATCH = 24, 16, 32
+
+
+class TwoTowers(nn.Module):
+    """Linear image and text towers with L2-normalised outputs, open_clip's output dict."""
+
+    def __init__(self, seed: int = 0, init_scale: float = 1 / 0.07, bias: float | None = None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.image = nn.Linear(IN_DIM, EMBED)
+        self.text = nn.Linear(IN_DIM, EMBED)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
+
+    def forward(self, images, texts):
+        out = {"image_features": F.normalize(self.image(images), dim=-1),
+               "text_features": F.normalize(self.text(texts), dim=-1),
+               "logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+
+class ClusteredPairs:
+    """Pairs sharing a cluster and a per-sample latent, seen through different random projections."""
+
+    def __init__(self, seed: int = 0, clusters: int = 8, latent: int = 6):
+        g = torch.Generator().manual_seed(seed)
+        self.g = g
+        self.centres = torch.randn(clusters, latent, generator=g) * 2.0
+        self.to_image = torch.randn(latent, IN_DIM, generator=g)
+        self.to_text = torch.randn(latent, IN_DIM, generator=g)
+        self.clusters, self.latent = clusters, latent
+
+    def batch(self, size: int = BATCH):
+        c = torch.randint(self.clusters, (size,), generator=self.g)
+        z = self.centres[c] + torch.randn(size, self.latent, generator=self.g)
+        images = z @ self.to_image + 0.3 * torch.randn(size, IN_DIM, generator=self.g)
+        texts = z @ self.to_text + 0.3 * torch.randn(size, IN_DIM, generator=self.g)
+        return images, texts
+
+
+@pytest.fixture(scope="module")
+def base_run():
+    config = load_config({"runs": {"a": {"method": "amorlip"}}}, check_paths=False)
+    return get_run(config, "a")
+
+
+def make_run(base, method="amorlip", variant="published", **amorlip):
+    pos_coef = 1e-3 if variant == "published" else 1.0
+    partition = "mixed_target" if variant == "published" else "ema_net"
+    am = dataclasses.replace(base.amorlip, pos_coef=pos_coef, encoder_partition=partition,
+                             **{"beta_epochs": 2, "rho": (8.5, -8.5), **amorlip})
+    return dataclasses.replace(base, method=method, variant=variant if method == "amorlip" else "none",
+                               epochs=4, lr=1e-2, warmup_steps=0, grad_clip=1.0, seed=3, amorlip=am)
+
+
+def test_build_task_picks_the_method(base_run):
+    model = TwoTowers(bias=-10.0)
+    assert isinstance(build_task(make_run(base_run, "clip"), model, EMBED, "cpu"), ClipTask)
+    assert isinstance(build_task(make_run(base_run, "siglip"), model, EMBED, "cpu"), SiglipTask)
+    task = build_task(make_run(base_run), model, EMBED, "cpu")
+    assert isinstance(task, AmorlipTask)
+    with pytest.raises(ValueError):
+        build_task(dataclasses.replace(base_run, method="other"), model, EMBED, "cpu")
+
+
+def test_clip_and_siglip_steps_and_the_temperature_clamp(base_run):
+    data = ClusteredPairs(1)
+    for method in ("clip", "siglip"):
+        model = TwoTowers(bias=-10.0)
+        task = build_task(make_run(base_run, method), model, EMBED, "cpu")
+        task.start_epoch(0, 10)
+        images, texts = data.batch()
+        out = task.training_step(images, texts, 0, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert set(out) >= {"loss", f"{method}_loss", "logit_scale"}
+        assert all(isinstance(v, float) for k, v in out.items() if k != "loss")
+        assert task.lambda_nets_state() is None and task.state_dict() == {}
+        with torch.no_grad():
+            model.logit_scale.fill_(9.0)
+        task.after_encoder_step()
+        assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+        with torch.no_grad():
+            model.logit_scale.fill_(-1.0)
+        task.after_encoder_step()
+        assert model.logit_scale.item() == 0.0
+
+
+def test_amorlip_step_keeps_lambda_and_encoder_gradients_apart(base_run):
+    model = TwoTowers()
+    task = build_task(make_run(base_run), model, EMBED, "cpu")
+    task.start_epoch(0, 10)
+    online_before = [p.clone() for p in task.lambdas.online.parameters()]
+    encoder_before = [p.clone() for p in model.parameters()]
+    out = task.training_forward(*ClusteredPairs(2).batch(), 0)
+    # Stage I ran (the online nets moved) but sent nothing to the encoders
+    assert out["lambda_updates"] == task.config.t_lambda
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, task.lambdas.online.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.parameters()))
+    out["loss"].backward()
+    # the encoder loss reaches the encoders and log s, and never the lambda nets
+    assert all(p.grad is not None for p in model.parameters())
+    for nets in (task.lambdas.online, task.lambdas.ema, task.lambdas.prev):
+        assert all(p.grad is None for p in nets.parameters())
+    assert out["loss"].requires_grad
+    assert all(isinstance(v, (float, int)) for k, v in out.items() if k != "loss")
+    assert {"encoder_loss", "lambda_loss", "lambda_gap", "log_target_mean", "logit_scale", "beta", "rho",
+            "lambda_updates"} <= set(out)
+
+
+def test_published_variant_uses_the_mixed_target_and_rescales(base_run):
+    run = make_run(base_run, t_target=1)
+    model = TwoTowers()
+    task = build_task(run, model, EMBED, "cpu")
+    data = ClusteredPairs(3)
+    task.start_epoch(0, 3)
+    for k in range(3):
+        task.training_step(*data.batch(), k, torch.optim.SGD(model.parameters(), lr=0.05))
+    task.start_epoch(1, 3)
+    beta = beta_for_epoch(1, run.amorlip.beta_max, run.amorlip.beta_epochs)
+    assert task.beta == beta > 0 and task.rho == 8.5  # rho (8.5, -8.5) over 4 epochs: 8.5 for 0-1
+    images, texts = data.batch()
+    with torch.no_grad():
+        feats = model(images, texts)
+        x, y, s = feats["image_features"], feats["text_features"], feats["logit_scale"]
+        prev_img, prev_txt = task.lambdas.predict("prev", x, y)
+    out = task.training_forward(images, texts, 0)
+    # float64 re-derivation of Eq. 12 mixed in linear space, then the encoder loss of notes 1.6
+    x64, y64, s64, p = x.double(), y.double(), s.double(), run.amorlip.pos_coef
+    e = torch.exp(s64 * x64 @ y64.T) * (torch.ones(32, 32, dtype=torch.float64) + (p - 1) * torch.eye(32, dtype=torch.float64))
+    lam_img = beta * prev_img.double().exp() + (1 - beta) * e.sum(1)
+    lam_txt = beta * prev_txt.double().exp() + (1 - beta) * e.sum(0)
+    expected = -2 * s64 * (x64 * y64).sum(1).mean() + (e / lam_img[:, None]).sum(1).mean() + (e / lam_txt[None, :]).sum(0).mean()
+    assert out["encoder_loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert out["loss"].item() == pytest.approx((expected / s64 + task.rho / s64).item(), rel=1e-4)
+    assert out["log_target_mean"] == pytest.approx(0.5 * (lam_img.log().mean() + lam_txt.log().mean()).item(), rel=1e-4)
+
+
+def test_paper_variant_reads_the_ema_net_before_its_update(base_run):
+    run = make_run(base_run, "amorlip", "paper", t_target=1, scale_loss=False)
+    model = TwoTowers()
+    task = build_task(run, model, EMBED, "cpu")
+    task.start_epoch(0, 5)
+    data = ClusteredPairs(4)
+    for k in range(2):
+        task.training_step(*data.batch(), k, torch.optim.SGD(model.parameters(), lr=0.05))
+    images, texts = data.batch()
+    ema_before = copy.deepcopy(task.lambdas.ema)  # Stage I does not touch the EMA nets
+    out = task.training_forward(images, texts, 2)
+    with torch.no_grad():
+        feats = model(images, texts)
+        x, y, s = feats["image_features"], feats["text_features"], feats["logit_scale"]
+        expected = encoder_loss(x, y, s, ema_before["image"](x), ema_before["text"](y), pos_coef=1.0)
+        after = encoder_loss(x, y, s, task.lambdas.ema["image"](x), task.lambdas.ema["text"](y), pos_coef=1.0)
+    assert out["encoder_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["encoder_loss"], rel=1e-6)  # scale_loss off
+    assert abs(after.item() - expected.item()) > 1e-6 * abs(expected.item())  # the EMA did move this step
+
+
+def test_cadence_of_lambda_and_ema_updates(base_run):
+    run = make_run(base_run, t_online=3, t_target=2)
+    model = TwoTowers()
+    task = build_task(run, model, EMBED, "cpu")
+    task.start_epoch(0, 6)
+    data = ClusteredPairs(5)
+    updates, ema_moved = [], []
+    for k in range(6):
+        ema = [p.clone() for p in task.lambdas.ema.parameters()]
+        out = task.training_forward(*data.batch(), k)
+        updates.append(out["lambda_updates"])
+        ema_moved.append(any(not torch.equal(a, b) for a, b in zip(ema, task.lambdas.ema.parameters())))
+    assert updates == [3, 0, 0, 3, 0, 0]
+    assert ema_moved == [True, False, True, False, True, False]
+
+
+def test_state_dict_round_trip_reproduces_the_next_step_exactly(base_run):
+    run = make_run(base_run)
+    data = ClusteredPairs(6)
+    batches = [data.batch() for _ in range(5)]
+    model = TwoTowers()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    task = build_task(run, model, EMBED, "cpu")
+    task.start_epoch(0, 2)
+    for k in range(2):
+        task.training_step(*batches[k], k, opt)
+    task.start_epoch(1, 3)
+    task.training_step(*batches[2], 0, opt)
+    buffer = io.BytesIO()
+    torch.save({"task": task.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = TwoTowers(seed=99)
+    model2.load_state_dict(saved["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    task2 = build_task(run, model2, EMBED, "cpu")
+    task2.load_state_dict(saved["task"])
+    task2.start_epoch(1, 3)  # a mid-epoch resume: the life cycle of epoch 1 is not repeated
+    for k, batch in zip((1, 2), batches[3:]):
+        a = task.training_step(*batch, k, opt)
+        b = task2.training_step(*batch, k, opt2)
+        assert a["loss"].item() == b["loss"].item()
+        assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    for name in ("online", "ema", "prev"):
+        nets, nets2 = getattr(task.lambdas, name), getattr(task2.lambdas, name)
+        assert all(torch.equal(p, q) for p, q in zip(nets.parameters(), nets2.parameters()))
+    assert set(task.lambda_nets_state()) == {"image", "text"}
+
+
+def probe_metrics(model, probe):
+    with torch.no_grad():
+        feats = model(*probe)
+        x, y = feats["image_features"], feats["text_features"]
+        loss = clip_loss(x, y, 1 / 0.07).item()  # fixed scale: comparable across runs and steps
+        top1 = (torch.argmax(x @ y.T, dim=1) == torch.arange(len(x))).float().mean().item()
+    return loss, top1
+
+
+@pytest.mark.parametrize("method", ["clip", "amorlip"])
+def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_run, method):
+    epochs, steps = 4, 50
+    run = dataclasses.replace(make_run(base_run, method), epochs=epochs)
+    data = ClusteredPairs(7)
+    probe = data.batch(256)
+    model = TwoTowers(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
+    task = build_task(run, model, EMBED, "cpu")
+    start_loss, start_top1 = probe_metrics(model, probe)
+    gaps = {}
+    for epoch in range(epochs):
+        task.start_epoch(epoch, steps)
+        for k in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(epoch * steps + k, run.lr, 20, epochs * steps)
+            out = task.training_step(*data.batch(), k, opt)
+            assert math.isfinite(out["loss"].item())
+            if method == "amorlip":
+                gaps.setdefault(epoch, []).append(abs(out["lambda_gap"]))
+    end_loss, end_top1 = probe_metrics(model, probe)
+    assert end_loss < 0.8 * start_loss
+    assert end_top1 > start_top1 + 0.1
+    if method == "amorlip":
+        for epoch, gap in gaps.items():
+            # each epoch starts from re-initialised nets; by its end the EMA net tracks log Z_comb
+            start, end = sum(gap[:3]) / 3, sum(gap[-5:]) / 5
+            assert end < 0.2 * start and end < 0.5, (epoch, start, end)
+        # log targets from the real sums: partition_targets ~ log(B) + s E[cos]
+        feats = model(*data.batch())
+        log_t, _ = partition_targets(feats["image_features"], feats["text_features"], feats["logit_scale"], 1e-3)
+        assert torch.isfinite(mix_log_targets(log_t, log_t, 0.8)).all()
