@@ -126,9 +126,13 @@ def cmd_mlflow_replay(args) -> int:
 
 
 def cmd_evalsets_download(args) -> int:
-    from amorlip.evaluate.download import download_suite
+    from amorlip.evaluate.download import DownloadError, download_suite
 
-    download_suite(args.suite, root=args.root, tasks=args.tasks)
+    try:
+        download_suite(args.suite, root=args.root, tasks=args.tasks)
+    except DownloadError as exc:
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

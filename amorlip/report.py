@@ -223,9 +223,10 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
         lines += [f"## {s}: per task (%)", ""]
         header = ["task", "main metric", "group", "chance"] + list(per_run)
         body = []
+        covered_by_any = {k for r in per_run.values() if r for k, v in r["tasks"].items() if "main" in v}
         for key, entry in any_res["tasks"].items():
-            if not entry.get("main_metric"):
-                continue
+            if not entry.get("main_metric") or key not in covered_by_any:
+                continue  # listed below as not evaluated
             chance = next((r["tasks"].get(key, {}).get("chance") for r in per_run.values()
                            if r and r["tasks"].get(key, {}).get("chance") is not None), None)
             body.append([key, entry["main_metric"], entry.get("group") or "", _cell(_pct(chance))]
@@ -237,9 +238,11 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
         body.append(["**mean**", "", "", _cell(_pct(any_res["aggregates"].get("chance_mean_main")))]
                     + [_cell(_pct((r or {}).get("aggregates", {}).get("mean_main"))) for r in per_run.values()])
         lines += _md_table(header, body) + [""]
-        missing = sorted({k for r in per_run.values() if r for k in r["aggregates"].get("missing", [])})
+        missing = [k for k, v in any_res["tasks"].items() if v.get("main_metric") and k not in covered_by_any]
         if missing:
-            lines += [f"Not evaluated ({len(missing)}): " + ", ".join(f"`{k}`" for k in missing), ""]
+            lines += [f"Not evaluated by any run ({len(missing)} of {any_res['aggregates']['total']}; eval set "
+                      "missing or unsupported, see results/<run>/" + s + ".json): "
+                      + ", ".join(f"`{k}`" for k in missing), ""]
 
     notes = []
     for name, info in data.items():
@@ -274,8 +277,12 @@ def plot_loss_curves(data: Mapping[str, dict], out: Path) -> Path | None:
         log.warning("no metrics.jsonl found; no loss-curve plot")
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), squeeze=False)
-    for ax, (name, records) in zip(axes[0], curves.items()):
+    ncols = min(4, len(curves))
+    nrows = -(-len(curves) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (name, records) in zip(axes.flat, curves.items()):
         keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]

@@ -165,8 +165,8 @@ class AmorlipTask(_Task):
         s_bar = as_fp32_scale(scale, x_bar.device).detach()
 
         log_t_img, log_t_txt = partition_targets(x_bar, y_bar, s_bar, pos_coef=p, group=self.group)
+        prev_img, prev_txt = self.lambdas.predict("prev", x_bar, y_bar)
         if self.beta > 0.0:
-            prev_img, prev_txt = self.lambdas.predict("prev", x_bar, y_bar)
             log_z_img = mix_log_targets(log_t_img, prev_img, self.beta)
             log_z_txt = mix_log_targets(log_t_txt, prev_txt, self.beta)
         else:
@@ -201,12 +201,17 @@ class AmorlipTask(_Task):
         loss = rescale_loss(enc, scale, self.rho) if am.scale_loss else enc
 
         target_mean = 0.5 * float(log_z_img.mean() + log_z_txt.mean())
+        # lambda_gap: the EMA net against what it regresses on; ~ -log Z right after each re-init.
+        # lambda_gap_prev: last epoch's net (the one mixed into this epoch's targets) against the fresh
+        # in-batch sums; small unless the lambda nets diverge, so it is the one to watch after epoch 0.
         gap = 0.5 * float((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
+        gap_prev = 0.5 * float((prev_img.mean() - log_t_img.mean()) + (prev_txt.mean() - log_t_txt.mean()))
         return {
             "loss": loss,
             "encoder_loss": float(enc.detach()),
             "lambda_loss": self.last_lambda_loss,
             "lambda_gap": gap,
+            "lambda_gap_prev": gap_prev,
             "log_target_mean": target_mean,
             "logit_scale": float(s_bar),
             "beta": self.beta,

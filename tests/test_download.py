@@ -120,6 +120,23 @@ def test_index_counts_samples_and_failures_by_reason(config, downloaded):
     assert not list(data_dir.glob(".*.tmp"))
 
 
+def test_loader_reads_the_downloaded_shards(config, downloaded):
+    """The contract between the stages: img2dataset's shards + index -> TrainLoader (sizes.json in the parent)."""
+    from amorlip.data.loader import TrainLoader
+    from amorlip.models import get_tokenizer, image_transform
+
+    out, _ = downloaded
+    write_index(config, "tiny", shards_dir=out)
+    loader = TrainLoader(out, None, local_batch_size=4, rank=0, world_size=1, workers=0, seed=0,
+                         preprocess=image_transform("amorlip-tiny", train=True),
+                         tokenizer=get_tokenizer("amorlip-tiny"))
+    batches = list(loader.epoch(0))
+    assert len(batches) == N_GOOD // 4
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(set(keys)) == N_GOOD and sum(b["skipped"] for b in batches) == 0
+    assert batches[0]["images"].shape == (4, 3, 32, 32)
+
+
 def test_download_again_is_incremental(config, source, downloaded):
     out, _ = downloaded
     before = _mtimes(out)

@@ -305,6 +305,20 @@ def test_tasks_json_suite_and_mlflow_child(tmp_path, monkeypatch):
     assert child.data.metrics["suite/mean_main"] == 1.0 and child.data.metrics["suite/covered"] == 2
     assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"emoji-heldout.json", "emoji-heldout.csv"}
 
+    # `amorlip evaluate`'s path: a real exported open_clip model (random tiny towers) from model.pt
+    from amorlip.models import create_model, model_config
+    from amorlip.train.export import FORMAT
+
+    model, _, _ = create_model("amorlip-tiny")
+    (tmp_path / "runs" / "amorlip").mkdir(parents=True)
+    torch.save({"format": FORMAT, "model_name": "amorlip-tiny", "model_config": model_config("amorlip-tiny"),
+                "model_kwargs": {}, "state_dict": model.state_dict(), "run": {"method": "amorlip"},
+                "lambda_nets": None, "step": 3}, tmp_path / "runs" / "amorlip" / "model.pt")
+    res = runner.evaluate(config, "amorlip", "emoji-heldout", results / "amorlip" / "emoji-heldout.json")
+    assert res["aggregates"]["covered"] == 2 and 0.0 <= res["aggregates"]["mean_main"] <= 1.0
+    assert res["model"]["step"] == 3
+    assert client.get_run(res["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
+
 
 # --------------------------------------------------------------------------- download (real HTTP on loopback)
 
@@ -336,7 +350,7 @@ class _HFHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture()
 def fake_hf(tmp_path):
     """A loopback server with the HF layout: <repo>/resolve/main/<file>."""
-    site = tmp_path / "hf"
+    site = tmp_path / "hf" / "datasets"
     name = suites.datacomp_folder_name
     write_classification_set(site / "djghosh" / name("cifar10") / "resolve" / "main", BALANCED, shards=2)
     write_retrieval_set(site / "clip-benchmark" / "wds_flickr30k" / "resolve" / "main", n=6)
@@ -344,15 +358,15 @@ def fake_hf(tmp_path):
     write_classification_set(broken, BALANCED)
     (broken / "test" / "0.tar").unlink()
     handler = type("H", (_HFHandler,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(site)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(site.parent)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", site, handler
+    yield f"http://127.0.0.1:{server.server_address[1]}/datasets", site, handler
     server.shutdown()
     server.server_close()
 
 
-def test_download_suite_over_loopback(tmp_path, fake_hf):
+def test_download_suite_over_loopback(tmp_path, fake_hf, monkeypatch):
     base, site, handler = fake_hf
     root = tmp_path / "datacomp"
     status = download_suite("datacomp", root, tasks=["cifar10", "retrieval/flickr30k", "misc/winogavil"],
@@ -371,20 +385,21 @@ def test_download_suite_over_loopback(tmp_path, fake_hf):
     assert res["tasks"]["cifar10"]["main"] == 1.0 and res["tasks"]["retrieval/flickr30k"]["main"] == 1.0
     assert res["aggregates"]["covered"] == 2
 
-    # rerun: complete files are not fetched again
+    # rerun (through an HF_ENDPOINT mirror setting): complete files are not fetched again
     handler.requests.clear()
-    again = download_suite("datacomp", root, tasks=["cifar10"], base_url=base, progress=False)
+    monkeypatch.setenv("HF_ENDPOINT", base.removesuffix("/datasets"))
+    again = download_suite("datacomp", root, tasks=["cifar10"], progress=False)
     assert again == {"cifar10": "complete"}
-    assert not [r for r in handler.requests if r.endswith(".tar")]
+    assert handler.requests == []  # everything was there: not even a request
 
     # an interrupted shard resumes from its .part with a Range request
     shard = root / "wds_cifar10_test" / "test" / "1.tar"
     data = shard.read_bytes()
     shard.unlink()
     shard.with_name("1.tar.part").write_bytes(data[:1000])
-    assert download_suite("datacomp", root, tasks=["cifar10"], base_url=base, progress=False) == {"cifar10": "downloaded"}
+    assert download_suite("datacomp", root, tasks=["cifar10"], progress=False) == {"cifar10": "downloaded"}
     assert shard.read_bytes() == data
-    assert handler.requests[-1].endswith("test/1.tar [bytes=1000-]")
+    assert handler.requests == ["/datasets/djghosh/wds_cifar10_test/resolve/main/test/1.tar [bytes=1000-]"]
 
 
 def test_download_failure_is_reported_after_trying_every_task(tmp_path, fake_hf):

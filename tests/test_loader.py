@@ -113,6 +113,7 @@ def test_uneven_steps_keep_every_rank_equal(shards):
     assert lengths == [8, 8]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core runner
 @pytest.mark.parametrize("workers, start_step", [(0, 5), (2, 3), (2, 6), (3, 10)])
 def test_resume_yields_the_uninterrupted_tail(shards, workers, start_step):
     folder, _ = shards

@@ -128,7 +128,7 @@ def test_amorlip_step_keeps_lambda_and_encoder_gradients_apart(base_run):
         assert all(p.grad is None for p in nets.parameters())
     assert out["loss"].requires_grad
     assert all(isinstance(v, (float, int)) for k, v in out.items() if k != "loss")
-    assert {"encoder_loss", "lambda_loss", "lambda_gap", "log_target_mean", "logit_scale", "beta", "rho",
+    assert {"encoder_loss", "lambda_loss", "lambda_gap", "lambda_gap_prev", "log_target_mean", "logit_scale", "beta", "rho",
             "lambda_updates"} <= set(out)
 
 
@@ -241,17 +241,19 @@ def probe_metrics(model, probe):
     return loss, top1
 
 
-@pytest.mark.parametrize("method", ["clip", "amorlip"])
-def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_run, method):
+@pytest.mark.parametrize("method,variant", [("clip", "none"), ("amorlip", "published"), ("amorlip", "paper")])
+def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_run, method, variant):
     epochs, steps = 4, 50
-    run = dataclasses.replace(make_run(base_run, method), epochs=epochs)
+    # a 50-step epoch is short: a faster lambda lr and EMA than the paper's (thousands of steps per
+    # epoch) let the re-initialised nets catch up within an epoch
+    run = dataclasses.replace(make_run(base_run, method, variant, lambda_lr=3e-2, ema_alpha=0.8, t_target=1), epochs=epochs)
     data = ClusteredPairs(7)
     probe = data.batch(256)
     model = TwoTowers(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
     task = build_task(run, model, EMBED, "cpu")
     start_loss, start_top1 = probe_metrics(model, probe)
-    gaps = {}
+    gaps, prev_gaps = {}, {}
     for epoch in range(epochs):
         task.start_epoch(epoch, steps)
         for k in range(steps):
@@ -261,6 +263,7 @@ def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_ru
             assert math.isfinite(out["loss"].item())
             if method == "amorlip":
                 gaps.setdefault(epoch, []).append(abs(out["lambda_gap"]))
+                prev_gaps.setdefault(epoch, []).append(abs(out["lambda_gap_prev"]))
     end_loss, end_top1 = probe_metrics(model, probe)
     assert end_loss < 0.8 * start_loss
     assert end_top1 > start_top1 + 0.1
@@ -268,7 +271,10 @@ def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_ru
         for epoch, gap in gaps.items():
             # each epoch starts from re-initialised nets; by its end the EMA net tracks log Z_comb
             start, end = sum(gap[:3]) / 3, sum(gap[-5:]) / 5
-            assert end < 0.2 * start and end < 0.5, (epoch, start, end)
+            assert end < 0.3 * start and end < 1.5, (epoch, start, end)
+            if epoch > 0:
+                # last epoch's net, mixed into this epoch's targets, stays close to the in-batch sums
+                assert max(prev_gaps[epoch]) < 0.5 * max(gaps[epoch]), (epoch, prev_gaps[epoch], gaps[epoch])
         # log targets from the real sums: partition_targets ~ log(B) + s E[cos]
         feats = model(*data.batch())
         log_t, _ = partition_targets(feats["image_features"], feats["text_features"], feats["logit_scale"], 1e-3)

@@ -8,15 +8,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import yaml
+from PIL import Image
 
-from tests.helpers_shards import make_shards
+from helpers_shards import make_shards
 
 # 4 shards x 48 samples = 192 samples; batch 16 -> 12 steps per epoch on one or two ranks
 TINY_RUN = {
@@ -27,6 +31,35 @@ TINY_RUN = {
 }
 
 
+COLOUR_NAMES = ["black", "blue", "green", "cyan", "red", "magenta", "yellow", "white"]
+
+
+def colour_name(jpeg: bytes) -> str:
+    """One of 8 names from which channels of the image's mean colour are above half intensity."""
+    mean = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
+    r, g, b = (mean > 127.5).astype(int)
+    return COLOUR_NAMES[4 * r + 2 * g + b]
+
+
+def recaption_by_colour(shards: Path) -> None:
+    """Rewrite each shard's captions as "a {colour} square" so that text and image share a signal.
+
+    helpers_shards draws captions independently of the images; a contrastive loss then cannot drop
+    below ln(batch) and "the loss decreases" would test nothing. Keys, order and sizes are unchanged.
+    """
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+        images = {m.name.rsplit(".", 1)[0]: data for m, data in members if m.name.endswith(".jpg")}
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for member, data in members:
+                key = member.name.rsplit(".", 1)[0]
+                if member.name.endswith(".txt") and key in images:
+                    data = f"a {colour_name(images[key])} square".encode()
+                    member.size = len(data)
+                tf.addfile(member, io.BytesIO(data))
+
+
 def tiny_setup(root: str | Path, runs: dict[str, dict], n_shards: int = 4, per_shard: int = 48,
                tracking_uri: str | None = None, defaults: dict | None = None) -> Path:
     """Shards + config.yaml under ``root``; returns the config path."""
@@ -34,6 +67,7 @@ def tiny_setup(root: str | Path, runs: dict[str, dict], n_shards: int = 4, per_s
     shards = root / "data" / "tiny" / "shards"
     if not (shards / "sizes.json").exists():
         make_shards(shards, n_shards, per_shard, image_size=32, seed=0)
+        recaption_by_colour(shards)
         (shards.parent / "sizes.json").write_text((shards / "sizes.json").read_text())
     config = {
         "name": "train-tests",
@@ -74,3 +108,43 @@ def run_cli(config: Path, run: str, nproc: int = 1, timeout: int = 240, env: dic
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- shared trained runs
+
+# Runs shared by test_train.py and test_export.py (one setup per test session, under pytest's
+# basetemp): 12 steps per epoch, global batch 16.
+SHARED_RUNS = {
+    "amor": {"method": "amorlip"},                                                  # 1 rank
+    "term": {"method": "clip"},                                                     # 1 rank, SIGTERM
+    "z2": {"method": "clip", "nproc": 2, "zero_stage": 2, "max_logit_scale": 10.0},  # 2 ranks
+    "kill": {"method": "amorlip", "nproc": 2, "zero_stage": 1, "epochs": 3},        # 2 ranks, kill -9
+}
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """The session's training folder (created once; later calls reuse it)."""
+    root = tmp_path_factory.getbasetemp() / "trainer-runs"
+    if not (root / "config.yaml").exists():
+        from amorlip.config import load_config
+        from amorlip.tracking import init_pipeline
+
+        root.mkdir(parents=True, exist_ok=True)
+        config_path = tiny_setup(root, SHARED_RUNS)
+        env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+        try:  # the pipeline's parent run, as `amorlip mlflow init` would create it
+            init_pipeline(load_config(config_path), root / "results" / "mlflow_parent.json")
+        finally:
+            if env_uri is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    return root
+
+
+def ensure_trained(root: Path, run: str, env: dict | None = None) -> subprocess.CompletedProcess | None:
+    """Train ``run`` unless its train.json exists (another test module may have trained it)."""
+    if (root / "runs" / run / "train.json").exists():
+        return None
+    nproc = SHARED_RUNS[run].get("nproc", 1)
+    res = run_cli(root / "config.yaml", run, nproc=nproc, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res

@@ -186,9 +186,9 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
     if missing_shards:
         log.warning("download %s: %d shard(s) did not finish (%s ...); run again to resume",
                     dataset, len(missing_shards), ", ".join(missing_shards[:5]))
-    log.info("download %s: %d/%d samples ok, %d failed, %d shard(s), %.1f images/s (%.1f s)",
-             dataset, summary["successes"], summary["attempted"], summary["failed"], summary["shards"],
-             summary["successes"] / elapsed if elapsed > 0 else 0.0, elapsed)
+    log.info("download %s: %d/%d samples ok, %d failed, %d shard(s); %.1f images/s while downloading, "
+             "%.1f s in all", dataset, summary["successes"], summary["attempted"], summary["failed"],
+             summary["shards"], summary["images_per_s"], elapsed)
     return summary
 
 
@@ -274,6 +274,10 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
     shards_dir = Path(shards_dir)
     data_dir = Path(config["paths"]["data"]) / dataset
     stats = {s: st for s, st in _read_stats(shards_dir).items() if (shards_dir / f"{s}.tar").exists()}
+    unfinished = sorted(p.name for p in shards_dir.glob("*.tar") if p.stem not in stats)
+    if unfinished:
+        log.warning("index %s: %d tar(s) without stats (interrupted download) are not indexed: %s",
+                    dataset, len(unfinished), ", ".join(unfinished[:5]))
     if not stats:
         raise ValueError(f"index {dataset}: no finished shards (NNNNN.tar + NNNNN_stats.json) "
                          f"in {shards_dir}")

@@ -36,10 +36,14 @@ Why it is built this way:
   These never shift the batches between a resumed and an uninterrupted run. An image that fails to
   decode is only found after the skip point, so its place in the batch is filled with another sample
   of the same batch (the batch size stays B on every rank, as the all-gather needs). Each is counted
-  in ``skipped``; each damaged shard is logged once per process.
+  in ``skipped``; each kind of damage is logged once per shard and process (with workers: once per
+  epoch and worker, since workers are forked per epoch).
 - **Workers.** With ``workers > 0`` a torch ``DataLoader`` runs one slot per worker, each producing
   whole batches (decode, transform, tokenize in the worker); the main process puts them back in step
   order. ``workers == 0`` runs in-process.
+- **Plain tarfile, not webdataset's pipeline stages.** Replaying a resumed epoch without decoding
+  and draining the shuffle buffer at each pass boundary need control over where decoding happens;
+  the members are grouped by key exactly as webdataset's ``tarfile_to_samples`` groups them.
 """
 
 from __future__ import annotations

@@ -52,6 +52,13 @@ class _RootedFileHandler(http.server.SimpleHTTPRequestHandler):
         log.debug("loopback %s: " + format, self.address_string(), *args)
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # img2dataset opens up to processes x threads connections at once; the stdlib backlog of 5 would
+    # drop SYNs in a burst and stall those urls for a TCP retransmit
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class LoopbackFileServer:
     """Context manager: a threaded HTTP server for ``root`` on 127.0.0.1 (free port).
 
@@ -64,7 +71,7 @@ class LoopbackFileServer:
         if not self.root.is_dir():
             raise FileNotFoundError(f"loopback server root is not a folder: {self.root}")
         self.max_bytes = max_bytes
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -87,9 +94,7 @@ class LoopbackFileServer:
 
     def start(self) -> LoopbackFileServer:
         handler = type("_Handler", (_RootedFileHandler,), {"max_bytes": self.max_bytes})
-        self._server = http.server.ThreadingHTTPServer(
-            (LOOPBACK_HOST, 0), partial(handler, directory=str(self.root)))
-        self._server.daemon_threads = True
+        self._server = _Server((LOOPBACK_HOST, 0), partial(handler, directory=str(self.root)))
         self._thread = threading.Thread(target=self._server.serve_forever, name="loopback-http", daemon=True)
         self._thread.start()
         log.info("loopback server: %s serving %s", self.base_url, self.root)

@@ -3,7 +3,7 @@
 For users with internet; evaluation itself is offline once the files are local. Each webdataset
 task comes from its Hugging Face dataset repo as DataComp's ``download_evalsets.py`` fetches it
 (``djghosh/wds_<task>_test``: ``classnames.txt``, ``zeroshot_classification_templates.txt``,
-``test/nshards.txt``, ``test/{i}.tar``), plus ``dataset_type.txt`` where the repo has one. That
+``test/nshards.txt``, ``test/{i}.tar``; retrieval sets add ``dataset_type.txt``). That
 covers the classification sets and the WILDS / fairness sets (their ``.npy`` metadata is inside the
 shards). Flickr and MSCOCO, which DataComp reads through HF ``datasets``, come from clip_benchmark's
 webdataset copies of the same test splits (``clip-benchmark/wds_flickr30k``,
@@ -32,6 +32,12 @@ from amorlip.evaluate.suites import Task, datacomp_suite
 log = logging.getLogger(__name__)
 
 HF_DATASETS = "https://huggingface.co/datasets"
+
+
+def default_base_url() -> str:
+    """HF's datasets URL, or a mirror's when ``HF_ENDPOINT`` is set (the huggingface_hub convention)."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return f"{endpoint.rstrip('/')}/datasets" if endpoint else HF_DATASETS
 _CHUNK = 1 << 20
 
 
@@ -97,11 +103,15 @@ def download_task(task: Task, base_url: str = HF_DATASETS, timeout: float = 60.0
     if task.type == "classification":
         for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
             fetched += fetch(file_url(base_url, task.source, name), folder / name, timeout, progress=False)
-    if _fetch_optional(file_url(base_url, task.source, "dataset_type.txt"), folder / "dataset_type.txt", timeout):
-        fetched += 1
-    elif task.type == "retrieval":
-        # clip_benchmark reads a set without dataset_type.txt as classification
-        (folder / "dataset_type.txt").write_text("retrieval\n")
+    else:
+        # clip_benchmark reads a set without dataset_type.txt as classification. Classification sets
+        # deliberately go without it, as DataComp downloads them (a "multilabel" type would change
+        # what the loader returns and the metric DataComp reports).
+        if _fetch_optional(file_url(base_url, task.source, "dataset_type.txt"), folder / "dataset_type.txt", timeout):
+            fetched += 1
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "dataset_type.txt").write_text("retrieval\n")
     fetched += fetch(file_url(base_url, task.source, "test/nshards.txt"), folder / "test" / "nshards.txt",
                      timeout, progress=False)
     nshards = int((folder / "test" / "nshards.txt").read_text().strip())
@@ -112,16 +122,18 @@ def download_task(task: Task, base_url: str = HF_DATASETS, timeout: float = 60.0
 
 
 def download_suite(suite: str, root: str | os.PathLike, tasks: Iterable[str] | None = None,
-                   base_url: str = HF_DATASETS, timeout: float = 60.0, progress: bool = True) -> dict[str, str]:
+                   base_url: str | None = None, timeout: float = 60.0, progress: bool = True) -> dict[str, str]:
     """Download a suite's eval sets under ``root``; return ``{task key: status}``.
 
-    ``tasks`` selects task keys (default: all). Tasks that cannot be evaluated by this project
-    (WinoGAViL; FairFace/UTKFace, which have no main metric) are skipped with their reason. Every
+    ``tasks`` selects task keys (default: all); ``base_url`` defaults to :func:`default_base_url`.
+    Tasks that cannot be evaluated by this project (WinoGAViL; FairFace/UTKFace, which have no main
+    metric) are skipped with their reason. Every
     task is attempted; if any failed, :class:`DownloadError` lists them at the end (what did
     download stays, and a rerun resumes).
     """
     if suite != "datacomp":
         raise ValueError(f"suite '{suite}' has nothing to download (only 'datacomp'; the demo's sets are built locally)")
+    base_url = base_url or default_base_url()
     suite_def = datacomp_suite(root)
     selected = list(suite_def.tasks)
     if tasks:

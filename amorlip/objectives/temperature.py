@@ -31,8 +31,9 @@ def clamp_logit_scale_(model: torch.nn.Module, max_scale: float) -> None:
 
     Works on a plain module, a DDP wrapper or a DeepSpeed engine (their parameter names carry a
     ``module.`` prefix). A ZeRO-3 partitioned parameter (one with ``ds_id``) is gathered first; rank
-    0's clamped value is broadcast back when the context exits. With a DeepSpeed fp32 master copy
-    (bf16/fp16 training) the master weight is not touched here: the trainer owns that case.
+    0's clamped value is broadcast back when the context exits (call it on every rank). The fp32
+    master copy that a DeepSpeed optimizer keeps apart from the module is not touched here: the
+    trainer clamps it (``amorlip.train.engine.clamp_master_logit_scale``).
     """
     upper = math.log(max_scale)
     for param in _logit_scale_params(model):
