@@ -61,6 +61,10 @@ def test_same_seed_and_epoch_give_the_same_batches(shards):
     again = list(_loader(folder).epoch(0))
     assert _keys(first) == _keys(again)
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, again, strict=True))
+    # one worker process computes the same single slot as the in-process path
+    in_worker = list(_loader(folder, workers=1).epoch(0))
+    assert _keys(in_worker) == _keys(first)
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, in_worker, strict=True))
     other_epoch = list(_loader(folder).epoch(1))
     assert _keys(other_epoch) != _keys(first)
     assert sorted(map(tuple, _keys(other_epoch))) != sorted(map(tuple, _keys(first)))

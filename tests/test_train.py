@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from train_configs import child_env, ensure_trained, read_jsonl, run_cli, shared_root, train_cmd
 
 from amorlip.config import load_config
 from amorlip.data.loader import TrainLoader
 from amorlip.train.checkpoint import COMPLETE_MARKER, complete_tags, step_of
 from amorlip.train.export import consolidated_state_dict
 from amorlip.train.run import EXIT_REQUEUE, train
-from train_configs import child_env, ensure_trained, read_jsonl, run_cli, shared_root, train_cmd
 
 pytestmark = pytest.mark.dist
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
-
 from helpers_shards import make_shards
+from PIL import Image
 
 # 4 shards x 48 samples = 192 samples; batch 16 -> 12 steps per epoch on one or two ranks
 TINY_RUN = {
@@ -95,8 +94,10 @@ def child_env(**extra: str) -> dict[str, str]:
 def train_cmd(config: Path, run: str, nproc: int = 1, command: str = "train") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "amorlip.cli", command, "--config", str(config), "--run", run]
+    # "--" ends torchrun's own options: without it torchrun's argparse takes our "--run" for an
+    # abbreviation of its "--run-path" and stops ("ambiguous option")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "amorlip.cli", command, "--config", str(config), "--run", run]
+            "-m", "amorlip.cli", "--", command, "--config", str(config), "--run", run]
 
 
 def run_cli(config: Path, run: str, nproc: int = 1, timeout: int = 240, env: dict | None = None,

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from amorlip.objectives.clip import as_fp32_scale
-from amorlip.objectives.distributed import gather_no_grad, gather_with_grad, row_offset
+from amorlip.objectives.distributed import gather_no_grad, gather_with_grad, row_offset, world_size
 
 LAMBDA_LOSS_KINDS = ("l2_log", "kl", "js")
 
@@ -45,12 +45,14 @@ def weighted_logits(
     whether the other modality is gathered with or without gradient.
     """
     batch = img.shape[0]
-    all_img = gather(img, group).float()
-    all_txt = gather(txt, group).float()
     x, y = img.float(), txt.float()
     s = as_fp32_scale(logit_scale, x.device)
-    image_rows = s * (x @ all_txt.T)
-    text_rows = s * (y @ all_img.T)
+    if world_size(group) == 1:
+        image_rows = s * (x @ y.T)
+        text_rows = image_rows.T  # one process: the text rows are the columns of the same matrix
+    else:
+        image_rows = s * (x @ gather(txt, group).float().T)
+        text_rows = s * (y @ gather(img, group).float().T)
     if pos_coef != 1.0:
         # the matched pair's weight p enters as log p on its logit (notes 1.5.8)
         rows = torch.arange(batch, device=x.device)
