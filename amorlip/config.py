@@ -270,11 +270,6 @@ def _check_semantics(config: dict, runs: Mapping[str, RunConfig], check_paths: b
                 f"config error at '{where}.batch_size': {run.batch_size} is not divisible by "
                 f"nproc x nodes = {run.world_size}; choose a multiple of {run.world_size}"
             )
-        if run.method == "amorlip" and run.amorlip.lambda_loss in ("kl", "js") and run.world_size > 1:
-            raise ConfigError(
-                f"config error at '{where}.amorlip.lambda_loss': '{run.amorlip.lambda_loss}' uses local "
-                "in-batch sums and is defined for one rank only (method notes 1.4); use l2_log with several ranks"
-            )
     for dname, ds in config["datasets"].items():
         where = f"datasets.{dname}"
         if ds["source"] == "url_list":
