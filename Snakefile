@@ -25,7 +25,8 @@ include: "workflow/rules/report.smk"
 
 
 onsuccess:
-    print(f"amorlip: done. Summary: {RESULTS}/summary.md ; browse runs: mlflow ui --backend-store-uri {TRACKING_URI}")
+    if os.path.exists(f"{RESULTS}/summary.md"):
+        print(f"amorlip: done. Summary: {RESULTS}/summary.md ; browse runs: mlflow ui --backend-store-uri {TRACKING_URI}")
 
 
 onerror:

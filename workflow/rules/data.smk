@@ -46,9 +46,6 @@ rule index:
         "amorlip index --config {params.cfg:q} --dataset {wildcards.dataset:q} --shards {input.shards:q} > {log:q} 2>&1"
 
 
-rule data:
-    input:
-        expand(f"{DATA}/{{dataset}}/manifest.json", dataset=TRAIN_DATASETS),
 
 
 def emoji_dataset():
@@ -72,3 +69,9 @@ rule emoji_evalsets:
         f"{LOGS}/evalsets/emoji-heldout.benchmark.tsv"
     shell:
         "amorlip evalsets build-emoji --config {params.cfg:q} --dataset {params.dataset:q} --root {params.root:q} > {log:q} 2>&1"
+
+
+rule data:
+    input:
+        expand(f"{DATA}/{{dataset}}/manifest.json", dataset=TRAIN_DATASETS),
+        [f"{DATA}/evalsets/emoji-heldout/tasks.json"] if "emoji-heldout" in SUITES else [],
