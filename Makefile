@@ -42,11 +42,17 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check amorlip tests benchmarks
 
+# CPU benchmarks (step time, vs open_clip_train, data throughput): ~10-15 min on 2 idle cores.
+# Figures, goals and method: benchmarks/RESULTS.md. GPU: bash benchmarks/gpu.sh on a GPU machine.
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
+# The small-batch quality sweep (36 runs through the pipeline; hours on 2 cores, see
+# benchmarks/RESULTS.md). Resumable: rerun to continue. --keep-going: one failed run does not stop
+# the others, and the summary still reports what finished (missing runs are listed, never zero).
 bench-quality: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile config/bench-quality.yaml report
+	@rc=0; $(BIN)/snakemake --cores $(CORES) --keep-going --configfile config/bench-quality.yaml report || rc=$$?; \
+	$(BIN)/python -m benchmarks.quality_summary --config config/bench-quality.yaml; exit $$rc
 
 slurm-up:
 	bash scripts/slurm-up.sh

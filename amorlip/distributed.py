@@ -145,6 +145,12 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> World
         torch.cuda.set_device(info.local_rank)
     import deepspeed
 
+    if info.source == "single":
+        # One process needs no rendezvous. torch's TCPStore would listen on every interface whatever
+        # MASTER_ADDR says (an unauthenticated port open to the network); an in-memory store opens
+        # none, and DeepSpeed adopts a group that already exists.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
     log.info("process group: rank %d/%d (local %d) via %s, %s at %s:%d", info.rank, info.world_size,

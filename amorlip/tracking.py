@@ -92,11 +92,12 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _artifact_location(config: Mapping[str, Any], uri: str) -> str | None:
-    """For a local store, keep artifacts beside the database (not in ``./mlruns`` of whatever cwd)."""
-    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        return (Path(config["paths"]["results"]).resolve() / "mlartifacts").as_uri()
-    return None  # a tracking server decides (its --artifacts-destination)
+def _artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (``mlartifacts/``), not into ``./mlruns``
+    of whatever the working directory is; a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def _experiment_id(client, name: str, artifact_location: str | None) -> str:
@@ -312,7 +313,7 @@ def child_run(config: Mapping[str, Any], name: str, kind: str, tags: Mapping[str
     tracker = Tracker(uri, offline_path, enabled=enabled, experiment=config["mlflow"]["experiment"],
                       run_name=name, parent_run_id=parent.get("run_id"), tags=all_tags)
     exp_id = parent.get("experiment_id") if parent.get("tracking_uri") == uri else None
-    tracker.start(experiment_id=exp_id, artifact_location=_artifact_location(config, uri),
+    tracker.start(experiment_id=exp_id, artifact_location=_artifact_location(uri),
                   resume_run_id=resume_run_id)
     try:
         yield tracker
@@ -339,7 +340,7 @@ def init_pipeline(config: Mapping[str, Any], out: str | os.PathLike) -> dict:
     record: dict[str, Any] = {"run_id": None, "experiment_id": None, "tracking_uri": uri}
     try:
         client = _client(uri)
-        exp_id = _experiment_id(client, config["mlflow"]["experiment"], _artifact_location(config, uri))
+        exp_id = _experiment_id(client, config["mlflow"]["experiment"], _artifact_location(uri))
         tags = {"amorlip.kind": "pipeline", "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", "mlflow_init")}
         commit = git_commit()
         if commit:
@@ -371,7 +372,7 @@ def log_to_parent(config: Mapping[str, Any], metrics: Mapping[str, Any] | None =
                       run_id=parent.get("run_id"))
     if not parent.get("run_id") or parent.get("tracking_uri") != uri:
         # no parent in this store (init failed, or the URI changed): start one now so the report lands
-        tracker.start(artifact_location=_artifact_location(config, uri))
+        tracker.start(artifact_location=_artifact_location(uri))
     else:
         try:
             tracker._client = _client(uri)
@@ -418,7 +419,7 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> list[str
                 except Exception:  # noqa: BLE001 -- not in this store
                     run_id = None
             if run_id is None:
-                exp_id = _experiment_id(client, ev.get("experiment") or "amorlip", None)
+                exp_id = _experiment_id(client, ev.get("experiment") or "amorlip", _artifact_location(uri))
                 tags = dict(ev.get("tags") or {})
                 parent = ev.get("parent_run_id")
                 if parent:

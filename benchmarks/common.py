@@ -70,7 +70,8 @@ def machine_info() -> dict[str, Any]:
         load = None
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
         "python": platform.python_version(), "load_avg_1_5_15": load,
     }
     if torch.cuda.is_available():
@@ -150,14 +151,15 @@ def default_workdir() -> Path:
     return Path(os.environ.get("AMORLIP_BENCH_DIR", Path(tempfile.gettempdir()) / "amorlip-bench"))
 
 
-def bench_shards(workdir: Path, n_shards: int = 8, per_shard: int = 256, image_size: int = 64) -> tuple[Path, str]:
+def bench_shards(workdir: Path, n_shards: int = 8, per_shard: int = 256, image_size: int = 64,
+                 prefer_demo: bool = True) -> tuple[Path, str]:
     """(data root, dataset name) of webdataset shards to train on.
 
     The demo corpus (``data/emoji-demo``, real emoji art downloaded by img2dataset) when ``make demo``
-    has built it; otherwise synthetic img2dataset-layout shards from ``tests/helpers_shards.py`` at the
-    demo's image size, so the benchmarks run on a fresh checkout too.
+    has built it (and ``prefer_demo``); otherwise synthetic img2dataset-layout shards from
+    ``tests/helpers_shards.py`` at the demo's image size, so the benchmarks run on a fresh checkout too.
     """
-    if (DEMO_SHARDS.parent / "sizes.json").exists() and any(DEMO_SHARDS.glob("*.tar")):
+    if prefer_demo and (DEMO_SHARDS.parent / "sizes.json").exists() and any(DEMO_SHARDS.glob("*.tar")):
         return DEMO_SHARDS.parents[1], "emoji-demo"
     name = f"synthetic-{n_shards}x{per_shard}-{image_size}px"
     shards = workdir / "data" / name / "shards"
@@ -184,11 +186,9 @@ def demo_defaults() -> dict[str, Any]:
         return dict(yaml.safe_load(fh).get("defaults") or {})
 
 
-def bench_config(workdir: Path, data_root: Path, dataset: str, runs: dict[str, dict],
-                 overrides: dict[str, Any] | None = None) -> dict:
-    """A validated pipeline config whose runs train on ``dataset`` with the demo's defaults."""
-    from amorlip.config import load_config
-
+def bench_raw_config(workdir: Path, data_root: Path, dataset: str, runs: dict[str, dict],
+                     overrides: dict[str, Any] | None = None) -> dict:
+    """A pipeline config (as a user would write it) whose runs train on ``dataset`` with the demo's defaults."""
     defaults = {**demo_defaults(), "dataset": dataset, **(overrides or {})}
     raw = {
         "name": "bench",
@@ -199,4 +199,25 @@ def bench_config(workdir: Path, data_root: Path, dataset: str, runs: dict[str, d
         "defaults": defaults,
         "runs": runs,
     }
-    return load_config(raw, check_paths=False)
+    return raw
+
+
+def bench_config(workdir: Path, data_root: Path, dataset: str, runs: dict[str, dict],
+                 overrides: dict[str, Any] | None = None) -> dict:
+    """:func:`bench_raw_config`, validated with every default filled."""
+    from amorlip.config import load_config
+
+    return load_config(bench_raw_config(workdir, data_root, dataset, runs, overrides), check_paths=False)
+
+
+_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "MLFLOW_TRACKING_URI", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a benchmarked subprocess: a lone process, offline, no rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", DS_BUILD_OPS="0",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env

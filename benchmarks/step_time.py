@@ -33,8 +33,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import (
     alternate,
     bench_config,
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.workdir or default_workdir()
     rounds = args.rounds or (1 if args.tiny else 15)
     if args.tiny:
-        data_root, dataset = bench_shards(work, n_shards=2, per_shard=32, image_size=32)
+        data_root, dataset = bench_shards(work, n_shards=2, per_shard=32, image_size=32, prefer_demo=False)
         overrides = {"model": "amorlip-tiny", "batch_size": 16}
     else:
         data_root, dataset = bench_shards(work)
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainers = {name: build_trainer(config, name, work) for name in CONTENDERS}
     batches = preload(next(iter(trainers.values())).loader, 2 * BLOCK)
     timers = {name: BlockTimer(tr, batches) for name, tr in trainers.items()}
-    for name, timer in timers.items():  # warm-up: allocator, thread pools, DeepSpeed's first step
+    for timer in timers.values():  # warm-up: allocator, thread pools, DeepSpeed's first step
         timer.run_block()
     samples = alternate(timers, rounds)
     flops = {name: timer.flops_per_step() for name, timer in timers.items()}

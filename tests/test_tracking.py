@@ -23,10 +23,15 @@ def _config(tmp_path, uri=None):
 
 
 @pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
+def _no_env_uri(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # nothing may land in the working directory (./mlruns)
     monkeypatch.setenv("SNAKEMAKE_RULE", "train_run")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    yield
+    assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
 
 
 def _closed_port() -> int:
@@ -130,6 +135,7 @@ def test_unreachable_server_keeps_events_then_replays(tmp_path, caplog):
     assert run.data.tags["extra"] == "x" and run.data.tags["amorlip.kind"] == "train"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(10, 0.1), (20, 0.05)]
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["curve.png", "train.json"]
+    assert (tmp_path / "mlartifacts").is_dir()  # beside later.db
 
 
 def test_disabled_tracker_does_nothing(tmp_path):

@@ -116,10 +116,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # Runs shared by test_train.py and test_export.py (one setup per test session, under pytest's
 # basetemp): 12 steps per epoch, global batch 16.
 SHARED_RUNS = {
-    "amor": {"method": "amorlip"},                                                  # 1 rank
-    "term": {"method": "clip"},                                                     # 1 rank, SIGTERM
+    "amor": {"method": "amorlip"},                                                  # 1 rank, ZeRO-1
+    "term": {"method": "clip", "zero_stage": 0},                                    # 1 rank, SIGTERM
     "z2": {"method": "clip", "nproc": 2, "zero_stage": 2, "max_logit_scale": 10.0},  # 2 ranks
-    "kill": {"method": "amorlip", "nproc": 2, "zero_stage": 1, "epochs": 3},        # 2 ranks, kill -9
+    "kill": {"method": "amorlip", "nproc": 2, "zero_stage": 1},                     # 2 ranks, kill -9
+    "z3": {"method": "siglip", "zero_stage": 3, "max_steps": 6, "max_logit_scale": 10.0},  # partitioned
 }
 
 

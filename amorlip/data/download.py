@@ -10,12 +10,13 @@ the call, so local data takes exactly the path a CC3M url list takes.
 convention: shard basename -> sample count) and ``manifest.json`` (totals and failures grouped by a
 short reason), after checking that the stats agree with the image members actually in the tars.
 
-Memory on hostile url lists: img2dataset 1.47 reads each response body whole (``r.read()``) and has no
-byte cap, so ``max_image_bytes`` is enforced only where we serve the files (the loopback server answers
-413, counted as ``too_large``). What img2dataset does allow is bounded: at most ``2 x thread_count``
-bodies are in flight per process, OpenCV refuses to allocate images above ``max_image_pixels``
-(``OPENCV_IO_MAX_IMAGE_PIXELS``, inherited by img2dataset's spawned workers) and larger decoded images
-are rejected (``max_image_area``).
+Hostile url lists: img2dataset 1.47 reads each response body whole (``r.read()``), with a timeout per
+socket read only, and follows any scheme urllib knows. Its workers therefore fetch through
+:mod:`amorlip.data.fetch` instead: http(s) only (``file://`` rows cannot copy local files into the
+shards), ``max_image_bytes`` per response (``too_large``) and ``timeout`` for the whole response (a
+server that drips bytes is a ``timeout``). The loopback server also answers 413 above the cap. OpenCV
+refuses to allocate images above ``max_image_pixels`` (``OPENCV_IO_MAX_IMAGE_PIXELS``, inherited by
+img2dataset's spawned workers) and larger decoded images are rejected (``max_image_area``).
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
                                  NO_ALBUMENTATIONS_UPDATE="1"))
         from img2dataset import download as img2dataset_download
 
+        from amorlip.data.fetch import patched as bounded_fetch
+
+        stack.enter_context(bounded_fetch(int(ds["max_image_bytes"])))
+
         log.info("download %s: %d urls -> %s (%d per shard, %d process(es) x %d threads)",
                  dataset, len(table), out_dir, per_shard, ds["processes"], ds["threads"])
         img2dataset_download(
@@ -201,7 +206,7 @@ _REASONS = [
     (re.compile(r"image decoding error", re.I), "decode_error"),  # not an image, or truncated bytes
     (re.compile(r"timed out|timeout", re.I), "timeout"),
     (re.compile(r"IncompleteRead|truncated|Remote end closed", re.I), "truncated"),
-    (re.compile(r"image area too large"), "too_large"),
+    (re.compile(r"image area too large|response too large|CV_IO_MAX_IMAGE_PIXELS"), "too_large"),
     (re.compile(r"image too small"), "too_small"),
     (re.compile(r"aspect ratio too large"), "aspect_ratio"),
     (re.compile(r"X-Robots-Tag"), "disallowed"),
@@ -209,7 +214,7 @@ _REASONS = [
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), "dns"),
     (re.compile(r"CERTIFICATE|SSL", re.I), "ssl"),
     (re.compile(r"Connection refused|Connection reset|Network is unreachable|No route", re.I), "connection"),
-    (re.compile(r"unknown url type|no host given", re.I), "bad_url"),
+    (re.compile(r"unknown url type|no host given|unsupported url scheme", re.I), "bad_url"),
 ]
 
 

@@ -37,6 +37,10 @@ from amorlip import distributed as dist_utils
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact."""
 _TAG_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -118,24 +122,45 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists() and not (tag_dir / COMPLETE_MARKER).exists():
             shutil.rmtree(tag_dir)  # leftovers of a torn save: never mix old and new files
+    previous = latest_complete_tag(root)
     dist_utils.barrier()
     t0 = time.monotonic()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
-    torch.save(rng_state(), tag_dir / f"rng-rank{dist_utils.rank()}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+        torch.save(rng_state(), tag_dir / f"rng-rank{dist_utils.rank()}.pt")
+    except (OSError, RuntimeError) as exc:
+        # torch reports a full disk as "[enforce fail at inline_container.cc] ... unexpected pos",
+        # without the errno: add what the filesystem says
+        raise CheckpointWriteError(_write_failure(root, tag, previous, exc)) from exc
     dist_utils.barrier()
     if dist_utils.is_master():
         marker = {"step": step, "world_size": dist_utils.world_size(), "time": time.time(),
                   "save_s": round(time.monotonic() - t0, 3)}
         tmp = tag_dir / f".{COMPLETE_MARKER}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(marker, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, tag_dir / COMPLETE_MARKER)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(marker, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, tag_dir / COMPLETE_MARKER)
+        except OSError as exc:
+            raise CheckpointWriteError(_write_failure(root, tag, previous, exc)) from exc
         prune(root, keep)
         log.info("checkpoint %s saved (%.1fs)", tag, time.monotonic() - t0)
     dist_utils.barrier()
     return tag
+
+
+def _write_failure(root: Path, tag: str, previous: str | None, exc: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free on that filesystem"
+    except OSError:
+        free = "free space unknown"
+    cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    kept = (f"the previous complete checkpoint ({previous}) is untouched and a rerun resumes from it"
+            if previous else "there is no earlier complete checkpoint; a rerun starts from step 0")
+    return (f"could not write checkpoint {tag} in {root}: {type(exc).__name__}: {cause} ({free}); {kept}. "
+            "Free space (or raise the quota) and rerun; lower keep_checkpoints to need less.")
 
 
 def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:

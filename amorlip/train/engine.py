@@ -98,32 +98,27 @@ def deepspeed_config(run: RunConfig, world_size: int, cuda: bool) -> dict[str, A
     return cfg
 
 
-def _patch_scalar_broadcast() -> None:
-    """Let DeepSpeed broadcast 0-dim parameters (open_clip's ``logit_scale``).
+def scalar_params_to_1d(model: nn.Module) -> list[str]:
+    """Give every 0-dim parameter (open_clip's ``logit_scale``, ``logit_bias``) the shape ``[1]``.
 
-    DeepSpeed 0.19.8's ``_broadcast_model`` reinterprets each parameter as uint8
-    (``p.data.view(torch.uint8)``), which torch refuses for 0-dim tensors: "self.dim() cannot be 0 to
-    view Float as Byte". During that call only, each scalar parameter gets a 1-element view of the
-    same storage, so rank 0's value still lands in the real parameter.
+    DeepSpeed 0.19.8 mishandles 0-dim parameters in several places: ``_broadcast_model`` and ZeRO-3's
+    partitioning reinterpret each parameter as uint8 (``self.dim() cannot be 0 to view Float as
+    Byte``) and ZeRO-0's gradient clipping multiplies in place by a ``[1]`` coefficient. A one-element
+    vector has the same value, the same broadcasting in ``s * x @ y.T`` and the same gradient; the
+    objectives read the scale through ``as_fp32_scale`` (a reshape to a scalar). The export reshapes
+    them back, so ``model.pt`` matches a stock open_clip model. Returns the names changed.
     """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._broadcast_model
-    if getattr(original, "_amorlip_scalar_safe", False):
-        return
-
-    def _broadcast_model(self):
-        scalars = [(p, p.data) for p in self.module.parameters() if p.dim() == 0]
-        for param, data in scalars:
-            param.data = data.reshape(1)
-        try:
-            original(self)
-        finally:
-            for param, data in scalars:
-                param.data = data
-
-    _broadcast_model._amorlip_scalar_safe = True
-    DeepSpeedEngine._broadcast_model = _broadcast_model
+    changed = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() != 0:
+            continue
+        owner = model
+        *path, leaf = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, leaf, nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))
+        changed.append(name)
+    return changed
 
 
 def build_engine(model: nn.Module, run: RunConfig, world_size: int, device: torch.device):
@@ -133,7 +128,7 @@ def build_engine(model: nn.Module, run: RunConfig, world_size: int, device: torc
     """
     import deepspeed
 
-    _patch_scalar_broadcast()
+    scalar_params_to_1d(model)
     model = model.to(device)
     optimizer = make_optimizer(param_groups(model, run), run, device)
     config = deepspeed_config(run, world_size, device.type == "cuda")

@@ -50,8 +50,13 @@ def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, 
 
 
 def _model_states(tag_dir: Path) -> dict[str, Any]:
-    # DeepSpeed's own file (written by our trainer): it needs weights_only=False for its objects
-    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    """DeepSpeed's model-states file of rank 0 (it carries the client state); ZeRO-3 names it
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt``. It holds tensors and plain types only (ZeRO 0-3; only
+    the ZeRO optimizer files need weights_only=False), so it loads without running pickled code."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).exists():
+            return torch.load(tag_dir / name, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
 
 
 def client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
@@ -93,6 +98,10 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
     extra = client_state(ckpt_dir, tag)
     kwargs = {"init_logit_bias": float(run.siglip_init_bias)} if "logit_bias" in weights else {}
     model, _, _ = create_model(run.model, siglip_init_bias=kwargs.get("init_logit_bias"))
+    # the trainer holds 0-dim parameters as [1] (engine.scalar_params_to_1d): back to open_clip's shapes
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    weights = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
+               for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
         raise RuntimeError(f"checkpoint {tag} does not match model {run.model}: missing {missing[:5]}, "

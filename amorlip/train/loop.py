@@ -11,7 +11,9 @@ Stops:
 - a non-finite loss (or a lambda gap beyond ``amorlip.divergence_bound`` after epoch 0) raises
   :class:`TrainingDiverged` *before* the bad step touches the weights; the last checkpoint stays;
 - SIGTERM / SIGUSR1 (SLURM preemption, ``scancel --signal``) finish the current step, save a
-  checkpoint and raise :class:`Preempted`; the job should be requeued and will resume.
+  checkpoint and raise :class:`Preempted`; the job should be requeued and will resume;
+- a checkpoint that cannot be written (disk full) raises :class:`CheckpointWriteFailed`, which names
+  the previous complete checkpoint: the torn tag has no marker, so a rerun resumes from that one.
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ from amorlip.train.progress import MetricsFile, Progress, Throughput, loss_terms
 log = logging.getLogger(__name__)
 
 DEBUG_KEYS_ENV = "AMORLIP_DEBUG_KEYS"
+# Seconds to sleep after each step: makes kill/preemption timing reproducible on a fast tiny run
+# (tests, and trying out a requeue setup by hand). Never set in real runs.
+DEBUG_STEP_SLEEP_ENV = "AMORLIP_DEBUG_STEP_SLEEP"
 
 
 class TrainingDiverged(RuntimeError):
     """Non-finite loss or lambda divergence: stopping is the only honest outcome."""
+
+
+# A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact.
+CheckpointWriteFailed = ckpt.CheckpointWriteError
 
 
 class Preempted(RuntimeError):
@@ -95,6 +104,7 @@ class Trainer:
         self._window: dict[str, list[float]] = {}
         self._skipped_local = 0
         self._debug_keys = os.environ.get(DEBUG_KEYS_ENV)
+        self._debug_sleep = float(os.environ.get(DEBUG_STEP_SLEEP_ENV) or 0.0)
         self._attempt_t0 = started_at if started_at is not None else time.monotonic()
         self._stop_now = False
         self._loop_t0: float | None = None
@@ -153,6 +163,7 @@ class Trainer:
         if self.last_saved == self.pos.steps_done:
             return
         self._sync_skipped()
+        # raises CheckpointWriteFailed (disk full, ...) naming the free space and the intact previous tag
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.pos.steps_done, self.client_state(),
                              self.run.keep_checkpoints)
         self.last_saved = self.pos.steps_done
@@ -233,6 +244,8 @@ class Trainer:
         clamp_master_logit_scale(self.engine, run.max_logit_scale)
         self.task.after_encoder_step()
         self._debug_record(batch)
+        if self._debug_sleep:
+            time.sleep(self._debug_sleep)
         self._skipped_local += int(batch.get("skipped", 0))
         pos.steps_done += 1
         pos.step_in_epoch += 1

@@ -6,8 +6,9 @@ every rank runs :func:`train`. Exit codes, as Snakemake and SLURM see them:
 - ``0``: finished; ``train.json`` (the rule's output) is written last, atomically.
 - ``75`` (EX_TEMPFAIL): stopped by SIGTERM/SIGUSR1 after saving a checkpoint; the job should be
   requeued (``sbatch --requeue``, or Snakemake's ``--retries``) and resumes where it stopped.
-- ``1``: the run diverged (non-finite loss, lambda divergence); the message names the step and the
-  loss terms, and the last good checkpoint is kept.
+- ``1``: the run diverged (non-finite loss, lambda divergence) or a checkpoint could not be written
+  (disk full); the message names the step (and the loss terms, or the cause), and the last good
+  checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
 def train(config: dict, run_name: str) -> int:
     """Train ``run_name`` of ``config`` on this rank; returns the process exit code."""
     from amorlip.tracking import child_run
-    from amorlip.train.loop import Preempted, StopSignal, Trainer, TrainingDiverged
+    from amorlip.train.loop import CheckpointWriteFailed, Preempted, StopSignal, Trainer, TrainingDiverged
 
     run = get_run(config, run_name)
     out_dir = run_dir(config, run_name)
@@ -169,7 +170,7 @@ def train(config: dict, run_name: str) -> int:
                 tracker.final_status = "KILLED"
                 log.warning("%s; exiting with %d so the job is requeued", exc, EXIT_REQUEUE)
                 return EXIT_REQUEUE
-            except TrainingDiverged as exc:
+            except (TrainingDiverged, CheckpointWriteFailed) as exc:
                 if master:
                     log.error("run %s stopped: %s", run.name, exc)
                 tracker.final_status = "FAILED"

@@ -192,7 +192,7 @@ def run_dir(root: Path, run: str = "tiny-run") -> Path:
 _TEMPLATE_DB: dict[str, str] = {}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its tables created once; each run starts from a copy."""
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
@@ -204,7 +204,7 @@ def mlflow_template_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory) -> dict:
+def reference_run(tmp_path_factory, mlflow_template_db) -> dict:
     """One uninterrupted tiny run (24 steps) with per-step sample keys: what every fault is compared to."""
     root = tmp_path_factory.mktemp("reference")
     config = write_tiny_config(root)
@@ -297,7 +297,7 @@ class MlflowServer:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, mlflow_template_db):
     server = MlflowServer(tmp_path / "mlflow-server")
     yield server
     server.stop()

@@ -44,7 +44,7 @@ def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, tiny_data: Path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(amorlip=PREEMPT_RUN)))
 
-    sm = start_snakemake(tmp_path, "--configfile", str(config), "all")
+    sm = start_snakemake(tmp_path, "all", configfile=config)
     run_dir = tmp_path / "runs" / "amorlip"
 
     # preempt the training once it checkpointed for the first time
@@ -97,7 +97,7 @@ def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, tiny_data: Path)
     assert json.loads((tmp_path / "results/mlflow_parent.json").read_text())["run_id"]
 
     # and nothing is left to do
-    code, again = run_snakemake(tmp_path, "--configfile", str(config), "-n", "all", timeout=300)
+    code, again = run_snakemake(tmp_path, "-n", "all", configfile=config, timeout=300)
     assert code == 0 and "Nothing to be done" in again.tail(), again.tail()
 
 

@@ -8,7 +8,6 @@
 #   with `srun` across `nodes` nodes; `distributed.py` maps SLURM_PROCID/LOCALID/NTASKS. Only then do
 #   SLURM's signals (`--signal=USR1@T` before the time limit, scancel --signal) reach the trainer
 #   itself rather than the Snakemake process that wraps an ordinary job.
-import os as _os
 
 
 def _train_ranks(run):
@@ -24,7 +23,7 @@ def _under_slurm():
     name = getattr(plugin, "name", "") or ""
     if name in ("slurm", "slurm-jobstep"):
         return True
-    return workflow.remote_exec and "SLURM_JOB_ID" in _os.environ
+    return workflow.remote_exec and "SLURM_JOB_ID" in os.environ
 
 
 def _train_mpi(wc):

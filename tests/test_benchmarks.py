@@ -1,0 +1,83 @@
+"""Smoke tests of the benchmarks (benchmarks/): every module runs end to end in its tiny mode and
+writes its JSON. No timing is asserted here: speed goals live in the benchmarks themselves
+(benchmarks/RESULTS.md), never in unit tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
+    env.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", DS_BUILD_OPS="0",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def test_run_all_tiny_runs_every_cpu_benchmark_and_reports_each_ratio(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tiny", "--out-dir", str(out),
+                           "--workdir", str(work)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("step_time", "vs_open_clip", "data_throughput", "summary"):
+        data = json.loads((out / f"{name}_tiny.json").read_text())
+        assert data["tiny"] is True and data["machine"]["cpu"]
+    step = json.loads((out / "step_time_tiny.json").read_text())
+    assert set(step["contenders"]) == {"clip", "amorlip-t1", "amorlip-t8"}
+    assert all(c["flops_per_step"] > 0 for c in step["contenders"].values())
+    data = json.loads((out / "data_throughput_tiny.json").read_text())
+    assert data["download"]["summaries"][0]["successes"] == data["download"]["images"]
+    assert data["ratio"] is not None  # read from step_time's JSON, which ran first
+    for ratio in ("AmorLIP(T_online=8) / CLIP", "ours / open_clip_train", "loader images/s / CLIP step"):
+        assert ratio in proc.stdout
+
+
+def test_gpu_step_tiny_runs_on_cpu(tmp_path):
+    from benchmarks import gpu_step
+
+    payload = gpu_step.main(["--tiny", "--out-dir", str(tmp_path)])
+    res = payload["results"]["8"]
+    assert set(res) == {"clip", "amorlip-t1", "amorlip-t8", "open_clip"}
+    assert json.loads((tmp_path / "gpu_tiny.json").read_text())["model"] == "amorlip-tiny"
+
+
+def _suite_result(run: str, mean_main: float) -> dict:
+    return {"run": run, "suite": "emoji-heldout", "tasks": {},
+            "aggregates": {"mean_main": mean_main, "chance_mean_main": 0.01, "covered": 3, "total": 3}}
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
+    from benchmarks import quality_summary
+
+    # the suite's fractions; the summary reports percentages
+    values = {"clip-b32-s0": 0.10, "clip-b32-s1": 0.12, "amorlip-published-b32-s0": 0.15,
+              "amorlip-published-b32-s1": 0.17}
+    if missing:
+        values.pop("amorlip-published-b32-s1")
+    for run, v in values.items():
+        path = tmp_path / "results" / run / "emoji-heldout.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_suite_result(run, v)))
+    config = tmp_path / "config.yaml"
+    config.write_text("paths: {data: data, runs: runs, results: results, resources: resources}\n"
+                      "runs: {}\nsweep: {method: [clip, amorlip], batch_size: [32], seed: [0, 1]}\n")
+    payload = quality_summary.main(["--config", str(config), "--workdir", str(tmp_path),
+                                    "--out-dir", str(tmp_path / "out")])
+    clip = payload["cells"]["clip"]["32"]
+    amor = payload["cells"]["amorlip-published"]["32"]
+    assert clip["mean"] == pytest.approx(11.0) and clip["n"] == 2
+    assert amor["n"] == (1 if missing else 2)
+    assert amor["minus_clip"] == pytest.approx((15.0 if missing else 16.0) - 11.0)
+    assert payload["missing"] == (["amorlip-published-b32-s1"] if missing else [])
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 0
