@@ -160,7 +160,7 @@ def cmd_launch(args) -> int:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or args.nproc == 1:
         return main(rest)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", "-m", "amorlip.cli", *rest]
+           f"--nproc_per_node={args.nproc}", "-m", "amorlip.cli", "--", *rest]
     log.info("launching %d ranks: %s", args.nproc, " ".join(cmd))
     os.execv(sys.executable, cmd)
     return 0  # not reached

@@ -54,6 +54,7 @@ import itertools
 import json
 import logging
 import random
+import signal
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -330,7 +331,8 @@ class TrainLoader:
             return
         dataset = _EpochDataset(self, epoch, start_step)
         data_loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                                  pin_memory=self.pin_memory)
+                                                  pin_memory=self.pin_memory,
+                                                  worker_init_fn=_ignore_stop_signals)
         expected, pending = start_step, {}
         for batch in data_loader:
             pending[batch["step"]] = batch
@@ -340,6 +342,14 @@ class TrainLoader:
         if expected != self.steps_per_epoch or pending:
             raise RuntimeError(f"loader: epoch {epoch} rank {self.rank} ended at step {expected} of "
                                f"{self.steps_per_epoch} (pending {sorted(pending)})")
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: SLURM preemption signals the whole process group, and a
+    worker dying on it would kill the main process before it can write its checkpoint. The main
+    process shuts the workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):

@@ -8,7 +8,7 @@ after ``n`` steps stores the data position of step ``n`` (epoch, step in epoch),
 the loader for exactly that position, so no step is repeated or skipped.
 
 Stops:
-- a non-finite loss (or a lambda gap beyond ``amorlip.divergence_bound`` after epoch 0) raises
+- a non-finite loss (or a previous-epoch lambda gap beyond ``amorlip.divergence_bound`` after epoch 0) raises
   :class:`TrainingDiverged` *before* the bad step touches the weights; the last checkpoint stays;
 - SIGTERM / SIGUSR1 (SLURM preemption, ``scancel --signal``) finish the current step, save a
   checkpoint and raise :class:`Preempted`; the job should be requeued and will resume;
@@ -216,7 +216,9 @@ class Trainer:
         out = self.task.training_forward(images, texts, pos.step_in_epoch)
         out["lr"] = lr
         bad = nonfinite_terms(out)
-        gap = out.get("lambda_gap")
+        # lambda_gap_prev (the previous epoch's net vs the fresh in-batch sums) is the divergence
+        # signal: lambda_gap itself is large by design right after each epoch's re-initialisation.
+        gap = out.get("lambda_gap_prev")
         diverged = (pos.epoch > 0 and gap is not None and math.isfinite(gap)
                     and abs(gap) > run.amorlip.divergence_bound)
         flags = torch.tensor([1.0 if self.stop.signum is not None else 0.0, 1.0 if bad else 0.0,
@@ -234,7 +236,7 @@ class Trainer:
                                    "or the logit scale.")
         if diverged_any:
             raise TrainingDiverged(
-                f"lambda divergence at {where}: |lambda_gap| = {abs(gap or 0.0):.4g} > divergence_bound "
+                f"lambda divergence at {where}: |lambda_gap_prev| = {abs(gap or 0.0):.4g} > divergence_bound "
                 f"{run.amorlip.divergence_bound}; {last}. Lower amorlip.lambda_lr or raise the bound.")
         # only the reduced flag decides: a signal landing after the all-reduce waits for the next step,
         # so every rank stops at the same step (save_checkpoint is collective)

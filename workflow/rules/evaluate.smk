@@ -21,7 +21,7 @@ rule evaluate_run:
     benchmark:
         f"{LOGS}/evaluate/{{run}}/{{suite}}.benchmark.tsv"
     shell:
-        "amorlip evaluate --config {params.cfg:q} --run {wildcards.run:q} --suite {wildcards.suite:q} --out {output.metrics:q} > {log:q} 2>&1"
+        "SNAKEMAKE_RULE={rule} amorlip evaluate --config {params.cfg:q} --run {wildcards.run:q} --suite {wildcards.suite:q} --out {output.metrics:q} > {log:q} 2>&1"
 
 
 rule evaluate:
