@@ -16,7 +16,8 @@ already on the device, so the figures are the compute side only. Contenders alte
 CLIP step, peak memory (``torch.cuda.max_memory_allocated`` during the contender's blocks; the
 model and optimizer are shared, so the difference between contenders is the method's own), FLOPs
 per step (FlopCounterMode) and achieved TFLOP/s against a measured bf16 matmul rate. No DeepSpeed:
-on one GPU ZeRO-1 has nothing to shard, and the script must run with torch + open_clip alone.
+on one GPU ZeRO-1 has nothing to shard, and the script must run with torch, open_clip, jsonschema
+and PyYAML alone.
 
 ``--tiny`` runs the same code on CPU (fp32, amorlip-tiny model, batch 8) for the smoke test.
 

@@ -103,6 +103,13 @@ def plot(summary: dict, path: Path, suite: str) -> Path | None:
     return path
 
 
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "config" / "bench-quality.yaml"))
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     png = plot(summary, out_dir / "quality.png", args.suite)
     cells = {k: {str(b): c for b, c in v.items()} for k, v in summary["cells"].items()}
     payload = {"config": args.config, "suite": args.suite, "cells": cells, "missing": summary["missing"],
-               "chance_mean_main": summary["chance"], "plot": str(png) if png else None,
+               "chance_mean_main": summary["chance"], "plot": _display_path(png) if png else None,
                "runs_with_results": total - len(summary["missing"]), "runs": total}
     write_result("quality", payload, out_dir)
     return payload

@@ -151,23 +151,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     run0 = next(iter(trainers.values())).run
     base = spread(samples["clip"])["median"]
+    base_min = spread(samples["clip"])["min"]
     results, rows = {}, []
     for name, values in samples.items():
         stats = spread(values)
         achieved = flops[name] / stats["median"] / 1e9
         ratio = stats["median"] / base
         t_online = trainers[name].run.amorlip.t_online if name != "clip" else None
-        results[name] = {"step_s": stats, "ratio_vs_clip": ratio, "t_online": t_online,
+        # the ratio of the fastest blocks too: under positive, additive noise from other jobs the
+        # minimum is the steadier estimator; the goal is judged on medians all the same
+        results[name] = {"step_s": stats, "ratio_vs_clip": ratio, "ratio_of_min_vs_clip": stats["min"] / base_min,
+                         "t_online": t_online,
                          "flops_per_step": flops[name], "achieved_gflops": achieved,
                          "fraction_of_matmul_peak": achieved / peak["gflops_best"],
                          "images_per_s": run0.batch_size / stats["median"],
                          "paper_overhead": PAPER_OVERHEAD.get(t_online) if t_online else None}
         rows.append([name, stats["median"] * 1e3, stats["min"] * 1e3, stats["max"] * 1e3, f"{ratio:.4f}",
+                     f"{stats['min'] / base_min:.4f}",
                      f"{PAPER_OVERHEAD[t_online]:+.2%}" if t_online in PAPER_OVERHEAD else "-",
                      flops[name] / 1e9, achieved, f"{achieved / peak['gflops_best']:.1%}"])
     print_table(f"step time: {run0.model}, batch {run0.batch_size}, fp32, 1 process, ZeRO-{run0.zero_stage} "
                 f"({rounds} blocks of {BLOCK} steps each, alternating; data: {dataset})",
-                ["contender", "median ms", "min ms", "max ms", "ratio", "paper", "GFLOP/step",
+                ["contender", "median ms", "min ms", "max ms", "ratio", "ratio(min)", "paper", "GFLOP/step",
                  "GFLOP/s", "of peak"], rows)
     ratio_t8 = results["amorlip-t8"]["ratio_vs_clip"]
     met = ratio_t8 <= GOAL_RATIO_T8

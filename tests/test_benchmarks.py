@@ -1,6 +1,10 @@
 """Smoke tests of the benchmarks (benchmarks/): every module runs end to end in its tiny mode and
 writes its JSON. No timing is asserted here: speed goals live in the benchmarks themselves
-(benchmarks/RESULTS.md), never in unit tests."""
+(benchmarks/RESULTS.md), never in unit tests.
+
+The run_all test starts five Python processes (three benchmarks, our trainer, open_clip_train), about
+a minute of imports and start-ups on 2 idle cores, so it is marked ``slow`` (``make test`` runs it,
+``make test-fast`` does not); the GPU-script and quality-summary tests run in-process in seconds."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_run_all_tiny_runs_every_cpu_benchmark_and_reports_each_ratio(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tiny", "--out-dir", str(out),

@@ -16,37 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_tiny_data, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-
-TINY_CONFIG = {
-    "name": "e2e",
-    "datasets": {
-        "emoji-tiny": {
-            "source": "emoji",
-            "image_size": 32,
-            "samples_per_shard": 40,
-            "threads": 4,
-            "emoji": {"max_emoji": 40, "views_per_emoji": 1, "canvas": 32},
-        }
-    },
-    "defaults": {
-        "dataset": "emoji-tiny",
-        "model": "amorlip-tiny",
-        "batch_size": 16,
-        "epochs": 2,
-        "max_steps": 6,
-        "warmup_steps": 2,
-        "workers": 0,
-        "checkpoint_every": 3,
-        "log_every": 2,
-        "amorlip": {"beta_epochs": 1, "rho": [6.5, -8.0]},
-    },
-    "runs": {"clip": {"method": "clip"}, "amorlip": {"method": "amorlip"}},
-    "evaluation": {"suites": ["emoji-heldout"], "batch_size": 32},
-}
-
 
 def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="")
@@ -57,8 +30,9 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    copy_tiny_data(tiny_data, tmp_path)
     proc = _snakemake(tmp_path, "all")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -70,7 +44,7 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
     for run in ("clip", "amorlip"):
         assert (tmp_path / f"runs/{run}/model.pt").exists()
         train = json.loads((tmp_path / f"runs/{run}/train.json").read_text())
-        assert train["steps"] == 6
+        assert train["steps"] == tiny_config()["defaults"]["max_steps"]
         result = json.loads((tmp_path / f"results/{run}/emoji-heldout.json").read_text())
         assert result["aggregates"]["covered"] == result["aggregates"]["total"] == 3
 

@@ -132,6 +132,19 @@ def write_tiny_config(root: Path, run: str = "tiny-run", run_overrides: dict | N
     return path
 
 
+_LIVE_JOBS: list[Job] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_jobs():
+    """A test that fails half-way must not leave a trainer running (it would eat the CPU of the next)."""
+    yield
+    while _LIVE_JOBS:
+        job = _LIVE_JOBS.pop()
+        if job.proc.poll() is None:
+            job.kill9()
+
+
 class Job:
     """One ``amorlip <command>`` subprocess (its own process group), its log in a file."""
 
@@ -140,6 +153,7 @@ class Job:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "w")  # noqa: SIM115 -- closed in wait()
         self.started = time.monotonic()
+        _LIVE_JOBS.append(self)
         self.proc = subprocess.Popen([PY, "-m", "amorlip.cli", *args], cwd=REPO, env=env or child_env(),
                                      stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -195,27 +209,47 @@ _TEMPLATE_DB: dict[str, str] = {}
 @pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its tables created once; each run starts from a copy."""
+    from mlflow import MlflowClient  # imported here once anyway: tests read their runs back with it
+
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    code = ("import sys; from mlflow import MlflowClient; "
-            "MlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments()")
-    subprocess.run([PY, "-c", code, str(path)], check=True, env=child_env(), capture_output=True, timeout=180)
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     _TEMPLATE_DB["path"] = str(path)
     return path
 
 
+class ReferenceRun:
+    """One uninterrupted tiny run (24 steps) with per-step sample keys: what the faults are compared to.
+
+    It starts when first requested and runs beside the test that asked for it (two cores: the kill
+    test's first attempt and this run overlap); :meth:`get` waits for it.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.config = write_tiny_config(root)
+        self.keys = root / "keys"
+        self.job = Job(["train", "--config", str(self.config), "--run", "tiny-run"], root / "train.log",
+                       child_env(AMORLIP_DEBUG_KEYS=str(self.keys)))
+        self._result: dict | None = None
+
+    def get(self) -> dict:
+        if self._result is None:
+            rc = self.job.wait(300)
+            assert rc == 0, f"reference run failed (rc {rc}):\n{self.job.text()[-4000:]}"
+            summary = json.loads((run_dir(self.root) / "train.json").read_text())
+            print(f"\nreference run: {summary['steps']} steps in {time.monotonic() - self.job.started:.1f} s")
+            self._result = {"root": self.root, "config": self.config, "summary": summary,
+                            "records": read_jsonl(f"{self.keys}.rank0.jsonl")}
+        return self._result
+
+
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, mlflow_template_db) -> dict:
-    """One uninterrupted tiny run (24 steps) with per-step sample keys: what every fault is compared to."""
-    root = tmp_path_factory.mktemp("reference")
-    config = write_tiny_config(root)
-    keys = root / "keys"
-    t0 = time.monotonic()
-    train_to_end(config, "tiny-run", root / "train.log", AMORLIP_DEBUG_KEYS=str(keys))
-    elapsed = time.monotonic() - t0
-    records = read_jsonl(f"{keys}.rank0.jsonl")
-    summary = json.loads((run_dir(root) / "train.json").read_text())
-    print(f"\nreference run: {summary['steps']} steps in {elapsed:.1f} s (process wall time)")
-    return {"root": root, "config": config, "records": records, "summary": summary}
+def reference_run(tmp_path_factory, mlflow_template_db) -> ReferenceRun:
+    ref = ReferenceRun(tmp_path_factory.mktemp("reference"))
+    _LIVE_JOBS.remove(ref.job)  # session-long: not reaped after the first test that uses it
+    yield ref
+    if ref.job.proc.poll() is None:
+        ref.job.kill9()
 
 
 def steps_and_keys(records: list[dict]) -> dict[int, list[str]]:

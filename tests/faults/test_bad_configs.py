@@ -21,7 +21,7 @@ import yaml
 
 from amorlip.cli import main as cli_main
 
-from .conftest import BIN, PY, REPO, child_env
+from .conftest import BIN, REPO, child_env
 
 # name -> (config overlay, substrings the error must contain: the key, then the fix / allowed values)
 CASES: dict[str, tuple[dict, list[str]]] = {
@@ -124,9 +124,7 @@ def test_bad_config_stops_before_any_job_naming_the_key(snakemake_outcomes, case
     print(f"{case}: {err[:200]}")
 
 
-def test_the_untouched_demo_config_is_valid():
+def test_the_untouched_demo_config_is_valid(capsys):
     """The cases above fail because of their one mistake, not because the base config is broken."""
-    res = subprocess.run([PY, "-m", "amorlip.cli", "validate", "--config", str(REPO / "config" / "config.yaml")],
-                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "config OK" in res.stdout
+    assert cli_main(["validate", "--config", str(REPO / "config" / "config.yaml")]) == 0
+    assert "config OK" in capsys.readouterr().out

@@ -279,6 +279,13 @@ def test_every_row_is_accounted_for_by_reason(hostile_download):
     assert f.get("bad_url", 0) >= 5, f  # file://, ftp, javascript, data:, no host
     assert f.get("http_404", 0) >= 2, f  # gone, path traversal (the loopback server refuses it)
     assert not [k for k in f if k.startswith("other")], f"unclassified failures: {f}"
+    # the list's own `key` column (all "dup") is dropped with a warning; img2dataset's keys stay unique
+    assert "columns ['key'] are reserved by img2dataset" in res["log"]
+    keys = []
+    for tar in res["shards"].glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            keys += [m.name.split(".")[0] for m in tf if m.name.endswith(".jpg")]
+    assert len(keys) == len(set(keys)) == m["samples"]
 
 
 def test_local_files_never_enter_the_shards(hostile_download):
@@ -294,3 +301,18 @@ def test_local_files_never_enter_the_shards(hostile_download):
     local = rows[rows["url"].str.startswith("file:")]
     assert len(local) == 1 and (local["status"] != "success").all(), local
     assert str(secret) in local["url"].iloc[0]
+
+
+@pytest.mark.parametrize("header, missing", [("link\tcaption", "url"), ("url\ttext", "caption")])
+def test_url_list_without_its_columns_stops_naming_them(tmp_path, header, missing):
+    """A list whose columns are not the configured ones stops at `source`, before any download."""
+    path = tmp_path / "list.tsv"
+    path.write_text(f"{header}\nhttp://127.0.0.1/a.jpg\ta caption\n")
+    config = load_config({"datasets": {"x": {"source": "url_list", "url_list": str(path)}},
+                          "defaults": {"dataset": "x", "model": "amorlip-tiny"}, "runs": {"clip": None}})
+    with pytest.raises(ValueError) as err:
+        write_url_parquet(config, "x", tmp_path / "urls.parquet")
+    message = str(err.value)
+    assert f"{missing} column '{missing}' not found" in message and "columns found:" in message
+    assert "column_names" in message  # the fix for a headerless list
+    assert not (tmp_path / "urls.parquet").exists()

@@ -106,7 +106,7 @@ def test_kill9_5_points_resume_exact(tmp_path, reference_run):
     assert torn_seen is not None, "the SIGSTOP never caught a checkpoint before its marker"
 
     summary = json.loads((run_dir(tmp_path) / "train.json").read_text())
-    ref = reference_run
+    ref = reference_run.get()
     records = read_jsonl(f"{keys}.rank0.jsonl")
     spe = summary["steps_per_epoch"]
     assert summary["steps"] == ref["summary"]["steps"] == TOTAL_STEPS

@@ -45,6 +45,7 @@ def _loopback_only(addresses: list[str]) -> bool:
 
 
 def test_checkpoints_and_model_pt_load_with_weights_only(reference_run):
+    reference_run = reference_run.get()
     root = reference_run["root"]
     ckpt_dir = run_dir(root) / "checkpoints"
     tags = ckpt.complete_tags(ckpt_dir)

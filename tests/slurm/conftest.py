@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
-from slurm_helpers import cluster_problem, run_snakemake, tiny_config
+from slurm_helpers import cluster_problem
 
 
 @pytest.fixture(scope="session")
@@ -21,16 +20,10 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, slurm_cluster) -> Path:
-    """The tiny data set and held-out eval sets, built once per session with the local executor.
+def slurm_tiny_data(tiny_data: Path, slurm_cluster) -> Path:
+    """The suite's shared tiny data (tests/conftest.py), requested only when a cluster answers.
 
     Tests copy ``data/`` and ``resources/`` (mtimes kept, so Snakemake sees them as up to date) and
     only run the later stages through SLURM, which keeps the SLURM tests within minutes.
     """
-    root = tmp_path_factory.mktemp("tiny-data")
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config()))
-    code, sm = run_snakemake(root, "--cores", "2", "data", "data/evalsets/emoji-heldout/tasks.json",
-                             profile=None, configfile=config, timeout=600)
-    assert code == 0, sm.tail()
-    return root
+    return tiny_data

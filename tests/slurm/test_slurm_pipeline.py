@@ -39,8 +39,8 @@ def _complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoints/step-*/complete"))
 
 
-def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, tiny_data: Path) -> None:
-    copy_data(tiny_data, tmp_path)
+def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, slurm_tiny_data: Path) -> None:
+    copy_data(slurm_tiny_data, tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(amorlip=PREEMPT_RUN)))
 
