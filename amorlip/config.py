@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import itertools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ VARIANT_DEFAULTS = {
     "published": {"pos_coef": 1e-3, "encoder_partition": "mixed_target"},
     "paper": {"pos_coef": 1.0, "encoder_partition": "ema_net"},
 }
+
+
+_YAML11_TEXT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,10 @@ def _format_error(err: jsonschema.ValidationError) -> str:
         inner = [e for e in err.context if e.relative_schema_path and e.relative_schema_path[0] == 0]
         if inner:
             return _format_error(inner[0])
+    if err.validator == "type" and isinstance(err.instance, str) and _YAML11_TEXT_NUMBER.fullmatch(err.instance):
+        # YAML 1.1 (PyYAML, Snakemake) reads 1e-4 and 1.5e3 as text: a float needs '.' and a signed exponent
+        return (f"invalid value at '{where}': {err.message}; YAML reads {err.instance} as text, "
+                "write the number with a decimal point and a signed exponent (e.g. 1.0e-4, 1.5e+3)")
     return f"invalid value at '{where}': {err.message}"
 
 

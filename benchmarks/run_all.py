@@ -21,7 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS_DIR, child_env, goal, print_table, setup_logging, write_result
+from benchmarks.common import (
+    REPO,
+    RESULTS_DIR,
+    child_env,
+    goal,
+    median,
+    print_table,
+    setup_logging,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,9 @@ def goal_rows(out_dir: Path, tiny: bool) -> tuple[list[list], dict]:
             rows.append([f"step time AmorLIP(T_online={c[name]['t_online']}) / CLIP", f"{r:.4f}",
                          f"<= 1.03 (paper {paper})" if is_goal else f"(paper {paper})",
                          goal(r <= 1.03) if is_goal else "-"])
+            if "ratio_of_min_vs_clip" in c[name]:
+                rows.append(["  same, ratio of the fastest blocks", f"{c[name]['ratio_of_min_vs_clip']:.4f}",
+                             "(steadier under load)", "-"])
             record[f"step_time_ratio_{name}"] = r
         record["step_time_goal_met"] = st["goal"]["met"]
         frac = c["clip"]["fraction_of_matmul_peak"]
@@ -63,7 +75,7 @@ def goal_rows(out_dir: Path, tiny: bool) -> tuple[list[list], dict]:
         rows.append(["loader images/s / CLIP step images/s", "n/a" if ratio is None else f"{ratio:.2f}x",
                      ">= 5x", goal(dt["goal"]["met"])])
         dl = dt["download"]["images_per_s_whole_call"]
-        rows.append(["img2dataset loopback download images/s (whole call)", f"{sorted(dl)[len(dl) // 2]:.1f}",
+        rows.append(["img2dataset loopback download images/s (whole call)", f"{median(dl):.1f}",
                      "(reported)", "-"])
         record["loader_ratio"], record["data_goal_met"] = ratio, dt["goal"]["met"]
     return rows, record

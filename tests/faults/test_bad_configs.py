@@ -24,7 +24,7 @@ from amorlip.cli import main as cli_main
 from .conftest import BIN, REPO, child_env
 
 # name -> (config overlay, substrings the error must contain: the key, then the fix / allowed values)
-CASES: dict[str, tuple[dict, list[str]]] = {
+CASES: dict[str, tuple[dict | str, list[str]]] = {
     "unknown_top_level_key": ({"epochs": 3}, ["unknown key 'epochs'", "allowed:", "defaults"]),
     "unknown_nested_key": ({"defaults": {"amorlip": {"lamda_lr": 0.01}}},
                            ["'defaults.amorlip.lamda_lr'", "allowed:", "lambda_lr"]),
@@ -37,6 +37,9 @@ CASES: dict[str, tuple[dict, list[str]]] = {
     "out_of_range_in_a_run": ({"runs": {"amorlip": {"amorlip": {"ema_alpha": 1.5}}}},
                               ["'runs.amorlip.amorlip.ema_alpha'", "maximum of 1"]),
     "bad_enum": ({"defaults": {"method": "clap"}}, ["'defaults.method'", "'clip', 'siglip', 'amorlip'"]),
+    # `adam_eps: 1e-6` as a user types it: YAML 1.1 (PyYAML, Snakemake) reads it as the text '1e-6'
+    "number_yaml_reads_as_text": ("defaults:\n  adam_eps: 1e-6\n",
+                                  ["'defaults.adam_eps'", "YAML reads 1e-6 as text", "1.0e-4"]),
     "missing_required": ({"datasets": {"cc3m": {"url_list": "cc3m.tsv"}}},
                          ["'datasets.cc3m'", "'source' is a required property"]),
     "unknown_model": ({"defaults": {"model": "ViT-Q-99"}},
@@ -57,7 +60,8 @@ CASES: dict[str, tuple[dict, list[str]]] = {
 SNAKEMAKE_GROUPS = {
     "schema-a": ["unknown_top_level_key", "unknown_nested_key", "unknown_key_in_a_run", "wrong_type",
                  "bad_enum"],
-    "schema-b": ["unknown_dataset_key", "out_of_range", "out_of_range_in_a_run", "missing_required"],
+    "schema-b": ["unknown_dataset_key", "out_of_range", "out_of_range_in_a_run", "missing_required",
+                 "number_yaml_reads_as_text"],
     **{case: [case] for case in ("unknown_model", "batch_not_divisible_by_ranks", "missing_dataset_path",
                                  "unknown_dataset_in_a_run", "unsafe_run_name")},
 }
@@ -72,7 +76,7 @@ def snakemake_outcomes(tmp_path_factory) -> dict[str, dict]:
     for group, cases in SNAKEMAKE_GROUPS.items():
         overlay: dict = {}
         for case in cases:
-            overlay = _merge(overlay, CASES[case][0])
+            overlay = _merge(overlay, _overlay(case))
         cfg = root / f"{group}.yaml"
         cfg.write_text(yaml.safe_dump(overlay))
         workdir = root / f"{group}-workdir"
@@ -88,6 +92,12 @@ def snakemake_outcomes(tmp_path_factory) -> dict[str, dict]:
             out[case] = {"rc": proc.returncode, "out": text, "workdir": workdir}
     print(f"\n{len(procs)} snakemake -n runs over {len(CASES)} bad configs in {time.monotonic() - t0:.1f} s")
     return out
+
+
+def _overlay(case: str) -> dict:
+    """A case's config as the loader sees it (raw YAML text goes through PyYAML, as a user's file does)."""
+    overlay = CASES[case][0]
+    return yaml.safe_load(overlay) if isinstance(overlay, str) else overlay
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -112,7 +122,7 @@ def test_bad_config_stops_before_any_job_naming_the_key(snakemake_outcomes, case
     assert written == [], f"files written before the config was rejected: {written}"
     # amorlip validate (the real CLI entry point, in this process): exit 2, one line, no traceback.
     # It reads the same merge Snakemake makes: config/config.yaml, then the user's file.
-    merged = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), CASES[case][0])
+    merged = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), _overlay(case))
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(merged))
     rc = cli_main(["validate", "--config", str(path)])
