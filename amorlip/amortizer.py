@@ -135,7 +135,9 @@ class LambdaState:
         return LambdaNet(self.dim, self.hidden_factor, generator=generator, device=self.device)
 
     def _new_optimizer(self) -> torch.optim.Adam:
-        return torch.optim.Adam(self.online.parameters(), lr=self.lr)
+        # foreach: one multi-tensor kernel per update instead of a Python loop over ~20 small tensors,
+        # which dominated the lambda step's cost on CPU (benchmarks/step_time.py)
+        return torch.optim.Adam(self.online.parameters(), lr=self.lr, foreach=True)
 
     def start_epoch(self, epoch: int, reinit: bool = True) -> None:
         """Per-epoch life cycle, in the order of notes 1.5.3 / pitfall 7.
