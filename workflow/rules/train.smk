@@ -87,7 +87,7 @@ rule train_run:
     benchmark:
         f"{LOGS}/train/{{run}}.benchmark.tsv"
     shell:
-        "{params.launcher} amorlip launch --nproc {params.nproc} -- train --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
+        "SNAKEMAKE_RULE={rule} {params.launcher} amorlip launch --nproc {params.nproc} -- train --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule export:
