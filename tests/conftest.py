@@ -9,17 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "config" / "tiny.yaml"
+from tinydata import REPO, TINY_CONFIG
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """config/tiny.yaml's data stage (corpus, img2dataset shards, index, held-out eval sets), built
     once per session through the real Snakefile. Tests copy ``data/`` and ``resources/`` with
-    :func:`copy_tiny_data` (mtimes kept, so Snakemake sees them as up to date)."""
+    :func:`tinydata.copy_tiny_data` (mtimes kept, so Snakemake sees them as up to date)."""
     root = tmp_path_factory.mktemp("tiny-data")
     shutil.copy(TINY_CONFIG, root / "config.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -28,12 +25,3 @@ def tiny_data(tmp_path_factory) -> Path:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root
-
-
-def copy_tiny_data(src: Path, dst: Path) -> None:
-    for name in ("data", "resources"):
-        shutil.copytree(src / name, dst / name, symlinks=True, copy_function=shutil.copy2)
-
-
-def tiny_config() -> dict:
-    return yaml.safe_load(TINY_CONFIG.read_text())
