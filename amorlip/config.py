@@ -278,9 +278,11 @@ def _check_semantics(config: dict, runs: Mapping[str, RunConfig], check_paths: b
                 f"config error at '{where}.batch_size': {run.batch_size} is not divisible by "
                 f"nproc x nodes = {run.world_size}; choose a multiple of {run.world_size}"
             )
-    if "emoji-heldout" in config["evaluation"]["suites"] and not any(
-        ds["source"] == "emoji" for ds in config["datasets"].values()
-    ):
+    has_emoji = any(ds["source"] == "emoji" for ds in config["datasets"].values())
+    if config["evaluation"]["suites"] is None:
+        # the schema's documented default, which depends on what the config trains on
+        config["evaluation"]["suites"] = ["emoji-heldout"] if has_emoji else ["datacomp"]
+    if "emoji-heldout" in config["evaluation"]["suites"] and not has_emoji:
         raise ConfigError(
             "config error at 'evaluation.suites': 'emoji-heldout' is the demo's held-out-style suite and "
             "needs a dataset with source 'emoji'; use suites: [datacomp] for url-list datasets"
