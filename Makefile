@@ -27,11 +27,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml all
+	$(BIN)/snakemake all --cores $(CORES) --configfile config/config.yaml
 	@$(BIN)/amorlip demo-summary --config config/config.yaml
 
 data train evaluate report: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml $@
+	$(BIN)/snakemake $@ --cores $(CORES) --configfile config/config.yaml
 
 test: setup
 	bash scripts/run-tests.sh
@@ -51,7 +51,7 @@ bench: setup
 # benchmarks/RESULTS.md). Resumable: rerun to continue. --keep-going: one failed run does not stop
 # the others, and the summary still reports what finished (missing runs are listed, never zero).
 bench-quality: setup
-	@rc=0; $(BIN)/snakemake --cores $(CORES) --keep-going --configfile config/bench-quality.yaml report || rc=$$?; \
+	@rc=0; $(BIN)/snakemake report --cores $(CORES) --keep-going --configfile config/bench-quality.yaml || rc=$$?; \
 	$(BIN)/python -m benchmarks.quality_summary --config config/bench-quality.yaml; exit $$rc
 
 slurm-up:
