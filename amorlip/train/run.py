@@ -145,7 +145,7 @@ def train(config: dict, run_name: str) -> int:
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
     device = dist_utils.device_for(info)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())))
 
     started = time.monotonic()
     stop = StopSignal()
