@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from amorlip.data.emoji_art import EmojiInfo, common_emoji, stable_hash
+from amorlip.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +127,6 @@ def training_view(
     return composite(art, canvas, background, scale, offset), caption(info, rng)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_demo(config: Mapping[str, Any], dataset: str, out: str | os.PathLike) -> pd.DataFrame:
     """Render the training views of ``dataset`` and write ``out`` (``urls.parquet``).
 
@@ -190,7 +179,7 @@ def build_demo(config: Mapping[str, Any], dataset: str, out: str | os.PathLike) 
     frame = pd.DataFrame(rows)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    _atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_bytes(out, buffer.getvalue())
     log.info(
         "demo corpus %s: %d samples (%d emoji x %d styles x %d views) -> %s",
         dataset,
@@ -312,7 +301,7 @@ def build_heldout_evalsets(config: Mapping[str, Any], dataset: str, root: str | 
             },
         ],
     }
-    _atomic_write_bytes(root / "tasks.json", (json.dumps(tasks, indent=2) + "\n").encode())
+    atomic_write_bytes(root / "tasks.json", (json.dumps(tasks, indent=2) + "\n").encode())
     log.info(
         "held-out %s eval sets: %d images, %d categories, %d subcategories -> %s",
         style,

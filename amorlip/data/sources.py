@@ -14,12 +14,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from amorlip.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,6 @@ def read_url_list(
     raise ValueError(f"unknown url-list format '{fmt}' (use tsv, csv, parquet, jsonl or txt)")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _require_column(frame: pd.DataFrame, column: str, role: str, path: str) -> None:
     if column not in frame.columns:
         found = ", ".join(map(str, frame.columns))
@@ -142,8 +131,8 @@ def write_url_parquet(config: Mapping[str, Any], dataset: str, out: str | os.Pat
     out = Path(out)
     buffer = io.BytesIO()
     kept.to_parquet(buffer, index=False)
-    _atomic_write(out, buffer.getvalue())
-    _atomic_write(Path(f"{out}.stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
+    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_bytes(Path(f"{out}.stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
     log.info(
         "url list %s (%s): %d rows, %d written, %d empty urls left out, %d duplicates, %d non-http -> %s",
         path,
