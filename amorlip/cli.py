@@ -119,7 +119,7 @@ def cmd_mlflow_init(args) -> int:
 
 
 def cmd_mlflow_replay(args) -> int:
-    from amorlip.tracking import replay
+    from amorlip.mlflow_replay import replay
 
     replay(args.file, tracking_uri=args.tracking_uri)
     return 0

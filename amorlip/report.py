@@ -21,12 +21,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from amorlip.config import RunConfig, expand_runs, tracking_uri
+from amorlip.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,11 @@ def summary_rows(config: Mapping[str, Any], data: Mapping[str, dict]) -> tuple[l
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    os.replace(tmp, path)
     return path
 
 
@@ -342,9 +340,7 @@ def report(config: Mapping[str, Any]) -> dict[str, Path]:
     columns, rows = summary_rows(config, data)
     csv_path = write_csv(results_dir / "summary.csv", columns, rows)
     md_path = results_dir / "summary.md"
-    tmp = md_path.with_name(f".{md_path.name}.tmp{os.getpid()}")
-    tmp.write_text(summary_markdown(config, data, rows))
-    os.replace(tmp, md_path)
+    atomic_write_text(md_path, summary_markdown(config, data, rows))
     pngs = [p for p in [plot_loss_curves(data, plots / "loss_curves.png")]
             + [plot_suite_bars(s, data, plots / f"{s}_tasks.png") for s in config["evaluation"]["suites"]] if p]
 

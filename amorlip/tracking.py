@@ -10,7 +10,7 @@ never share global state.
 The second reason is robustness: **a tracking failure never kills a job**. The first failed call
 logs one warning, and from then on every event (params, metrics with their steps, tags, artifact
 paths, dicts) is appended to a local JSONL file; ``amorlip mlflow replay FILE`` sends it later
-(:func:`replay`). Trackers are meant for rank 0 only; other ranks get a disabled tracker
+(:func:`amorlip.mlflow_replay.replay`). Trackers are meant for rank 0 only; other ranks get a disabled tracker
 (``child_run(..., enabled=False)``) whose methods do nothing.
 """
 
@@ -33,12 +33,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 from amorlip.config import tracking_uri as config_tracking_uri  # noqa: E402
+from amorlip.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent.json"
 # MLflow's log_batch limits per request (params and tags: 100; metrics: 1000).
-_BATCH_PARAMS = 100
+BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
 _MAX_PARAM_CHARS = 6000
 
@@ -75,15 +76,7 @@ def git_commit() -> str | None:
     return (res.stdout.strip() or None) if res.returncode == 0 else None
 
 
-def _atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -92,7 +85,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _artifact_location(uri: str) -> str | None:
+def store_artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts go beside the database (``mlartifacts/``), not into ``./mlruns``
     of whatever the working directory is; a tracking server decides for itself (None)."""
     if uri.startswith("sqlite:///"):
@@ -100,7 +93,7 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -171,11 +164,11 @@ class Tracker:
         if not self.enabled:
             return self
         try:
-            self._client = _client(self.uri)
+            self._client = mlflow_client(self.uri)
             if resume_run_id and self._reopen(resume_run_id):
                 return self
             if experiment_id is None:
-                experiment_id = _experiment_id(self._client, self.experiment, artifact_location)
+                experiment_id = ensure_experiment(self._client, self.experiment, artifact_location)
             tags = dict(self.tags)
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
@@ -219,8 +212,8 @@ class Tracker:
                 log.warning("MLflow params already logged with other values, kept as they were: %s",
                             ", ".join(changed[:10]))
             new = [Param(k, v) for k, v in flat.items() if k not in existing]
-            for i in range(0, len(new), _BATCH_PARAMS):
-                self._client.log_batch(self._run_id, params=new[i:i + _BATCH_PARAMS])
+            for i in range(0, len(new), BATCH_PARAMS):
+                self._client.log_batch(self._run_id, params=new[i:i + BATCH_PARAMS])
 
         self._call("params", {"params": flat}, send)
 
@@ -248,8 +241,8 @@ class Tracker:
             from mlflow.entities import RunTag
 
             items = [RunTag(k, v) for k, v in values.items()]
-            for i in range(0, len(items), _BATCH_PARAMS):
-                self._client.log_batch(self._run_id, tags=items[i:i + _BATCH_PARAMS])
+            for i in range(0, len(items), BATCH_PARAMS):
+                self._client.log_batch(self._run_id, tags=items[i:i + BATCH_PARAMS])
 
         self._call("tags", {"tags": values}, send)
 
@@ -313,7 +306,7 @@ def child_run(config: Mapping[str, Any], name: str, kind: str, tags: Mapping[str
     tracker = Tracker(uri, offline_path, enabled=enabled, experiment=config["mlflow"]["experiment"],
                       run_name=name, parent_run_id=parent.get("run_id"), tags=all_tags)
     exp_id = parent.get("experiment_id") if parent.get("tracking_uri") == uri else None
-    tracker.start(experiment_id=exp_id, artifact_location=_artifact_location(uri),
+    tracker.start(experiment_id=exp_id, artifact_location=store_artifact_location(uri),
                   resume_run_id=resume_run_id)
     try:
         yield tracker
@@ -339,8 +332,8 @@ def init_pipeline(config: Mapping[str, Any], out: str | os.PathLike) -> dict:
     uri = config_tracking_uri(config)
     record: dict[str, Any] = {"run_id": None, "experiment_id": None, "tracking_uri": uri}
     try:
-        client = _client(uri)
-        exp_id = _experiment_id(client, config["mlflow"]["experiment"], _artifact_location(uri))
+        client = mlflow_client(uri)
+        exp_id = ensure_experiment(client, config["mlflow"]["experiment"], store_artifact_location(uri))
         tags = {"amorlip.kind": "pipeline", "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", "mlflow_init")}
         commit = git_commit()
         if commit:
@@ -353,7 +346,7 @@ def init_pipeline(config: Mapping[str, Any], out: str | os.PathLike) -> dict:
         record["error"] = f"{type(exc).__name__}: {exc}"[:500]
         log.warning("MLflow unreachable at %s (%s); the pipeline runs without a parent run",
                     uri, record["error"])
-    _atomic_write_json(out, record)
+    atomic_write_json(out, record)
     return record
 
 
@@ -372,10 +365,10 @@ def log_to_parent(config: Mapping[str, Any], metrics: Mapping[str, Any] | None =
                       run_id=parent.get("run_id"))
     if not parent.get("run_id") or parent.get("tracking_uri") != uri:
         # no parent in this store (init failed, or the URI changed): start one now so the report lands
-        tracker.start(artifact_location=_artifact_location(uri))
+        tracker.start(artifact_location=store_artifact_location(uri))
     else:
         try:
-            tracker._client = _client(uri)
+            tracker._client = mlflow_client(uri)
         except Exception as exc:  # noqa: BLE001
             tracker._go_offline(exc)
     if params:
@@ -387,75 +380,3 @@ def log_to_parent(config: Mapping[str, Any], metrics: Mapping[str, Any] | None =
     if finish:
         tracker.end("FINISHED")
     return tracker.run_id
-
-
-# --------------------------------------------------------------------------- replay
-
-
-def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> list[str]:
-    """Send the events kept in an offline JSONL file; rename it to ``.replayed``.
-
-    Each ``start`` event opens a session: its run is reused when the store knows the id, else a run
-    is created (in the recorded experiment, under the recorded parent when that parent exists in
-    the store). Returns the run ids written to. Raises on failure (the user is there to see it),
-    leaving the file in place.
-    """
-    from mlflow.entities import Metric, Param, RunTag
-
-    path = Path(path)
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    client = None
-    run_id = None
-    written: list[str] = []
-    for ev in events:
-        kind = ev["event"]
-        if kind == "start":
-            uri = tracking_uri or ev["tracking_uri"]
-            client = _client(uri)
-            run_id = ev.get("run_id")
-            if run_id:
-                try:
-                    client.get_run(run_id)
-                except Exception:  # noqa: BLE001 -- not in this store
-                    run_id = None
-            if run_id is None:
-                exp_id = _experiment_id(client, ev.get("experiment") or "amorlip", _artifact_location(uri))
-                tags = dict(ev.get("tags") or {})
-                parent = ev.get("parent_run_id")
-                if parent:
-                    try:
-                        client.get_run(parent)
-                        tags["mlflow.parentRunId"] = parent
-                    except Exception:  # noqa: BLE001 -- the parent lives in another store
-                        tags["amorlip.original_parent_run_id"] = parent
-                tags["amorlip.replayed_from"] = str(path.resolve())
-                run_id = client.create_run(exp_id, tags=tags, run_name=ev.get("run_name")).info.run_id
-            written.append(run_id)
-            continue
-        if client is None or run_id is None:
-            raise ValueError(f"{path}: event {kind!r} before any 'start' event; not an amorlip offline record")
-        if kind == "params":
-            existing = client.get_run(run_id).data.params
-            new = [Param(k, v) for k, v in ev["params"].items() if k not in existing]
-            for i in range(0, len(new), _BATCH_PARAMS):
-                client.log_batch(run_id, params=new[i:i + _BATCH_PARAMS])
-        elif kind == "metrics":
-            ts = ev.get("timestamp") or int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, ev.get("step") or 0)
-                                              for k, v in ev["metrics"].items()])
-        elif kind == "tags":
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ev["tags"].items()])
-        elif kind == "artifact":
-            if Path(ev["path"]).exists():
-                client.log_artifact(run_id, ev["path"], ev.get("artifact_path"))
-            else:
-                log.warning("replay: artifact %s no longer exists; skipped", ev["path"])
-        elif kind == "dict":
-            client.log_dict(run_id, ev["obj"], ev["artifact_file"])
-        elif kind == "end":
-            client.set_terminated(run_id, status=ev.get("status", "FINISHED"))
-    done = path.with_name(path.name + ".replayed")
-    os.replace(path, done)
-    log.info("replayed %d events into run(s) %s; %s -> %s", len(events), ", ".join(dict.fromkeys(written)),
-             path, done)
-    return list(dict.fromkeys(written))

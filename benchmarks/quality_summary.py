@@ -44,6 +44,9 @@ def summarize(config: dict, suite: str) -> dict:
 
     per_cell: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     runs_of: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    by_seed: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    per_task: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
     missing, chances = [], []
     for name, rec in collect(config).items():
         run = rec["config"]
@@ -56,6 +59,10 @@ def summarize(config: dict, suite: str) -> dict:
             missing.append(name)
             continue
         per_cell[key][run.batch_size].append(100.0 * float(value))
+        by_seed[key][run.batch_size][run.seed] = 100.0 * float(value)
+        for task, rec_task in (result.get("tasks") or {}).items():
+            if rec_task.get("main") is not None:
+                per_task[key][run.batch_size][task].append(100.0 * float(rec_task["main"]))
         if agg.get("chance_mean_main") is not None:
             chances.append(100.0 * float(agg["chance_mean_main"]))
     cells: dict[str, dict[int, dict]] = {}
@@ -65,12 +72,46 @@ def summarize(config: dict, suite: str) -> dict:
             values = per_cell[key].get(batch, [])
             mean, std = mean_std(values)
             cells[key][batch] = {"mean": mean, "std": std, "n": len(values), "values": values,
-                                 "runs": by_batch[batch]}
-    for by_batch in cells.values():
+                                 "runs": by_batch[batch],
+                                 "tasks": {t: statistics.fmean(v) for t, v in sorted(per_task[key][batch].items())}}
+    for key, by_batch in cells.items():
         for batch, cell in by_batch.items():
             base = cells.get("clip", {}).get(batch)
-            cell["minus_clip"] = (cell["mean"] - base["mean"]) if base and base["n"] and cell["n"] else None
+            has_base = bool(base and base["n"] and cell["n"])
+            cell["minus_clip"] = (cell["mean"] - base["mean"]) if has_base else None
+            cell["relative_to_clip"] = (cell["mean"] / base["mean"] - 1.0) if has_base and base["mean"] else None
+            cell["paired"] = paired_vs_clip(by_seed[key][batch], by_seed["clip"][batch]) if key != "clip" else None
     return {"cells": cells, "missing": missing, "chance": statistics.fmean(chances) if chances else None}
+
+
+def paired_vs_clip(method: dict[int, float], clip: dict[int, float]) -> dict | None:
+    """Same-seed differences to CLIP (same data order and initialisation seed, so the pairing removes
+    the seed-to-seed spread both methods share): mean, std, and how many seeds the method won."""
+    seeds = sorted(set(method) & set(clip))
+    if not seeds:
+        return None
+    diffs = [method[s] - clip[s] for s in seeds]
+    mean, std = mean_std(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std,
+            "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
+
+
+def pooled_vs_clip(summary: dict) -> dict[str, dict]:
+    """Each method's same-seed differences to CLIP pooled over every batch size: the one-line answer."""
+    out = {}
+    for key, by_batch in summary["cells"].items():
+        if key == "clip":
+            continue
+        diffs = [d for c in by_batch.values() if c.get("paired") for d in c["paired"]["diffs"]]
+        clip_means = [summary["cells"]["clip"][b]["mean"] for b, c in by_batch.items()
+                      if c.get("paired") and b in summary["cells"].get("clip", {})]
+        if not diffs:
+            continue
+        mean, std = mean_std(diffs)
+        base = statistics.fmean(clip_means) if clip_means else math.nan
+        out[key] = {"mean_diff": mean, "std_diff": std, "wins": sum(d > 0 for d in diffs), "n": len(diffs),
+                    "relative": mean / base if base else math.nan}
+    return out
 
 
 def plot(summary: dict, path: Path, suite: str) -> Path | None:
@@ -142,6 +183,26 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     print_table(f"{args.suite}: mean main metric (%), mean +- std over seeds (n) [minus CLIP at the same batch]",
                 ["method"] + [f"batch {b}" for b in batches], rows)
+    pooled = pooled_vs_clip(summary)
+    if pooled:
+        rows = []
+        for key, p in sorted(pooled.items()):
+            row = [key]
+            for b in batches:
+                c = summary["cells"][key].get(b) or {}
+                pr = c.get("paired")
+                row.append("missing" if not pr else f"{pr['mean']:+.2f} +- {pr['std']:.2f} ({pr['wins']}/{pr['n']} won)")
+            row.append(f"{p['mean_diff']:+.2f} +- {p['std_diff']:.2f} ({p['wins']}/{p['n']} won; "
+                       f"{100 * p['relative']:+.1f} % rel.)")
+            rows.append(row)
+        print_table("same-seed difference to CLIP (points): mean +- std over seeds (seeds won)",
+                    ["method"] + [f"batch {b}" for b in batches] + ["all batches"], rows)
+    tasks = sorted({t for by in summary["cells"].values() for c in by.values() for t in c.get("tasks", {})})
+    if tasks:
+        rows = [[f"{key} b{b}"] + [f"{summary['cells'][key][b]['tasks'].get(t, math.nan):.2f}" for t in tasks]
+                for key in sorted(summary["cells"], key=lambda k: (k != "clip", k))
+                for b in sorted(summary["cells"][key]) if summary["cells"][key][b]["n"]]
+        print_table("per task: main metric (%), mean over seeds", ["method, batch"] + tasks, rows)
     total = sum(len(c["runs"]) for by in summary["cells"].values() for c in by.values())
     print(f"{total - len(summary['missing'])} of {total} runs have results"
           + (f"; missing: {', '.join(summary['missing'][:8])}{' ...' if len(summary['missing']) > 8 else ''}"
@@ -152,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     cells = {k: {str(b): c for b, c in v.items()} for k, v in summary["cells"].items()}
     payload = {"config": args.config, "suite": args.suite, "cells": cells, "missing": summary["missing"],
                "chance_mean_main": summary["chance"], "plot": _display_path(png) if png else None,
-               "runs_with_results": total - len(summary["missing"]), "runs": total}
+               "runs_with_results": total - len(summary["missing"]), "runs": total, "pooled_vs_clip": pooled}
     write_result("quality", payload, out_dir)
     return payload
 

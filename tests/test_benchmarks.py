@@ -57,7 +57,8 @@ def test_gpu_step_tiny_runs_on_cpu(tmp_path):
 
 
 def _suite_result(run: str, mean_main: float) -> dict:
-    return {"run": run, "suite": "emoji-heldout", "tasks": {},
+    return {"run": run, "suite": "emoji-heldout", "tasks": {"category": {"main": 2 * mean_main},
+                                                            "retrieval": {"main": 0.0}},
             "aggregates": {"mean_main": mean_main, "chance_mean_main": 0.01, "covered": 3, "total": 3}}
 
 
@@ -67,7 +68,7 @@ def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
 
     # the suite's fractions; the summary reports percentages
     values = {"clip-b32-s0": 0.10, "clip-b32-s1": 0.12, "amorlip-published-b32-s0": 0.15,
-              "amorlip-published-b32-s1": 0.17}
+              "amorlip-published-b32-s1": 0.11}
     if missing:
         values.pop("amorlip-published-b32-s1")
     for run, v in values.items():
@@ -83,6 +84,14 @@ def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
     amor = payload["cells"]["amorlip-published"]["32"]
     assert clip["mean"] == pytest.approx(11.0) and clip["n"] == 2
     assert amor["n"] == (1 if missing else 2)
-    assert amor["minus_clip"] == pytest.approx((15.0 if missing else 16.0) - 11.0)
+    assert amor["minus_clip"] == pytest.approx((15.0 if missing else 13.0) - 11.0)
+    assert amor["relative_to_clip"] == pytest.approx((15.0 if missing else 13.0) / 11.0 - 1.0)
+    # same-seed pairs only: seed 0 won by 5 points, seed 1 (when present) lost by 1
+    paired = amor["paired"]
+    assert paired["diffs"] == pytest.approx([5.0] if missing else [5.0, -1.0])
+    assert (paired["wins"], paired["n"]) == ((1, 1) if missing else (1, 2))
+    pooled = payload["pooled_vs_clip"]["amorlip-published"]
+    assert pooled["mean_diff"] == pytest.approx(5.0 if missing else 2.0)
+    assert clip["tasks"] == pytest.approx({"category": 22.0, "retrieval": 0.0})
     assert payload["missing"] == (["amorlip-published-b32-s1"] if missing else [])
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0

@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from amorlip.config import load_config
-from amorlip.tracking import child_run, flatten, init_pipeline, log_to_parent, replay
+from amorlip.mlflow_replay import replay
+from amorlip.tracking import child_run, flatten, init_pipeline, log_to_parent
 
 
 def _config(tmp_path, uri=None):

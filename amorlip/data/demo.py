@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from amorlip.data.emoji_art import EmojiInfo, common_emoji, stable_hash
-from amorlip.fileio import atomic_write_bytes
+from amorlip.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def build_heldout_evalsets(config: Mapping[str, Any], dataset: str, root: str | 
             },
         ],
     }
-    atomic_write_bytes(root / "tasks.json", (json.dumps(tasks, indent=2) + "\n").encode())
+    atomic_write_json(root / "tasks.json", tasks)
     log.info(
         "held-out %s eval sets: %d images, %d categories, %d subcategories -> %s",
         style,

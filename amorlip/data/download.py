@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from amorlip.fileio import atomic_write_json
 from amorlip.data.loopback import LoopbackFileServer
 
 log = logging.getLogger(__name__)
@@ -254,20 +255,6 @@ def count_tar_images(tar_path: str | os.PathLike) -> int:
         return sum(1 for m in tf if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.PathLike) -> dict:
     """Write ``data/{dataset}/sizes.json`` and ``manifest.json`` from the shards' stats; return the manifest.
 
@@ -319,8 +306,8 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
         "paper_samples": ds.get("paper_samples"),
         "image_size": ds["image_size"],
     }
-    _write_json_atomic(data_dir / "sizes.json", sizes)
-    _write_json_atomic(data_dir / "manifest.json", manifest)
+    atomic_write_json(data_dir / "sizes.json", sizes)
+    atomic_write_json(data_dir / "manifest.json", manifest)
     top = ", ".join(f"{k}={v}" for k, v in list(manifest["failures"].items())[:5]) or "none"
     log.info("index %s: %d samples in %d shards (%d attempted, %d failed: %s) -> %s",
              dataset, samples, len(sizes), attempted, failed, top, data_dir)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from amorlip.fileio import atomic_write_bytes
+from amorlip.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def write_url_parquet(config: Mapping[str, Any], dataset: str, out: str | os.Pat
     buffer = io.BytesIO()
     kept.to_parquet(buffer, index=False)
     atomic_write_bytes(out, buffer.getvalue())
-    atomic_write_bytes(Path(f"{out}.stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
+    atomic_write_json(Path(f"{out}.stats.json"), stats)
     log.info(
         "url list %s (%s): %d rows, %d written, %d empty urls left out, %d duplicates, %d non-http -> %s",
         path,

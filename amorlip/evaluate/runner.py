@@ -14,7 +14,6 @@ All metrics are fractions in [0, 1] (clip_benchmark's convention); the report sh
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import torch
 
 from amorlip.evaluate import zeroshot
 from amorlip.evaluate.suites import Suite, Task, get_suite
+from amorlip.fileio import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,12 @@ def _json_safe(obj: Any) -> Any:
 def write_results(results: Mapping[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the results JSON (atomically: a half-written file never looks done) and the task CSV."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(out, _json_safe(results), allow_nan=False)
     table = out.with_suffix(".csv")
-    tmp = table.with_name(f".{table.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(table) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
         writer.writeheader()
         writer.writerows(task_table(results))
-    os.replace(tmp, table)
     return out, table
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from amorlip.config import RunConfig, get_run
+from amorlip.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,9 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
         "variant": run.variant,
     }
     out = Path(out) if out is not None else run_dir / "model.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: never ship a file that fails it
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save(payload, tmp)
+        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: never ship a file that fails it
     log.info("exported %s (step %d, %s) -> %s", run_name, payload["step"], tag, out)
     return out
 

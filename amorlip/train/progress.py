@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from amorlip.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -35,9 +37,7 @@ class MetricsFile:
             return 0
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _step_of(line) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         return len(kept)
 
     def append(self, record: Mapping[str, Any]) -> None:

@@ -20,13 +20,13 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from amorlip import distributed as dist_utils
 from amorlip.config import RunConfig, get_run
+from amorlip.fileio import atomic_write_json
 from amorlip.train.checkpoint import tag_for
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _build(config: dict, run: RunConfig, info, device: torch.device, local_batch: int):
@@ -120,7 +114,7 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
     tracker.log_artifact(trainer.metrics.path)
     tracker.log_metrics({"final_" + k: v for k, v in trainer.final_losses.items()} |
                         {"images_per_s_overall": summary["images_per_s"]}, step=pos.steps_done)
-    _atomic_json(out_dir / "train.json", summary)  # the Snakemake output: last
+    atomic_write_json(out_dir / "train.json", summary)  # the Snakemake output: last
     return summary
 
 

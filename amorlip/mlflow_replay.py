@@ -1,0 +1,87 @@
+"""``amorlip mlflow replay``: send a job's offline tracking record to MLflow after an outage.
+
+Kept apart from :mod:`amorlip.tracking` because it runs at a different time and for a different
+reader: the tracker writes the JSONL record while training must not be disturbed; replay runs later,
+by hand, and must fail loudly (the user is there to see it) and leave the record in place if so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from amorlip.tracking import BATCH_PARAMS, ensure_experiment, mlflow_client, store_artifact_location
+
+log = logging.getLogger(__name__)
+
+
+def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> list[str]:
+    """Send the events kept in an offline JSONL file; rename it to ``.replayed``.
+
+    Each ``start`` event opens a session: its run is reused when the store knows the id, else a run
+    is created (in the recorded experiment, under the recorded parent when that parent exists in
+    the store). Returns the run ids written to. Raises on failure (the user is there to see it),
+    leaving the file in place.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    path = Path(path)
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    client = None
+    run_id = None
+    written: list[str] = []
+    for ev in events:
+        kind = ev["event"]
+        if kind == "start":
+            uri = tracking_uri or ev["tracking_uri"]
+            client = mlflow_client(uri)
+            run_id = ev.get("run_id")
+            if run_id:
+                try:
+                    client.get_run(run_id)
+                except Exception:  # noqa: BLE001 -- not in this store
+                    run_id = None
+            if run_id is None:
+                exp_id = ensure_experiment(client, ev.get("experiment") or "amorlip", store_artifact_location(uri))
+                tags = dict(ev.get("tags") or {})
+                parent = ev.get("parent_run_id")
+                if parent:
+                    try:
+                        client.get_run(parent)
+                        tags["mlflow.parentRunId"] = parent
+                    except Exception:  # noqa: BLE001 -- the parent lives in another store
+                        tags["amorlip.original_parent_run_id"] = parent
+                tags["amorlip.replayed_from"] = str(path.resolve())
+                run_id = client.create_run(exp_id, tags=tags, run_name=ev.get("run_name")).info.run_id
+            written.append(run_id)
+            continue
+        if client is None or run_id is None:
+            raise ValueError(f"{path}: event {kind!r} before any 'start' event; not an amorlip offline record")
+        if kind == "params":
+            existing = client.get_run(run_id).data.params
+            new = [Param(k, v) for k, v in ev["params"].items() if k not in existing]
+            for i in range(0, len(new), BATCH_PARAMS):
+                client.log_batch(run_id, params=new[i:i + BATCH_PARAMS])
+        elif kind == "metrics":
+            ts = ev.get("timestamp") or int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, ev.get("step") or 0)
+                                              for k, v in ev["metrics"].items()])
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ev["tags"].items()])
+        elif kind == "artifact":
+            if Path(ev["path"]).exists():
+                client.log_artifact(run_id, ev["path"], ev.get("artifact_path"))
+            else:
+                log.warning("replay: artifact %s no longer exists; skipped", ev["path"])
+        elif kind == "dict":
+            client.log_dict(run_id, ev["obj"], ev["artifact_file"])
+        elif kind == "end":
+            client.set_terminated(run_id, status=ev.get("status", "FINISHED"))
+    done = path.with_name(path.name + ".replayed")
+    os.replace(path, done)
+    log.info("replayed %d events into run(s) %s; %s -> %s", len(events), ", ".join(dict.fromkeys(written)),
+             path, done)
+    return list(dict.fromkeys(written))
