@@ -42,12 +42,12 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check amorlip tests benchmarks
 
-# CPU benchmarks (step time, vs open_clip_train, data throughput): ~10-15 min on 2 idle cores.
+# CPU benchmarks (step time, vs open_clip_train, data throughput): ~8 min on 2 idle cores.
 # Figures, goals and method: benchmarks/RESULTS.md. GPU: bash benchmarks/gpu.sh on a GPU machine.
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
-# The small-batch quality sweep (36 runs through the pipeline; hours on 2 cores, see
+# The small-batch quality sweep (36 runs through the pipeline; 1 h 42 min on 2 cores, see
 # benchmarks/RESULTS.md). Resumable: rerun to continue. --keep-going: one failed run does not stop
 # the others, and the summary still reports what finished (missing runs are listed, never zero).
 bench-quality: setup

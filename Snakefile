@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo's config is the default only: with `--configfile X` Snakemake would deep-merge X into it,
+# so a sweep's `runs: {}` would still train the demo's two runs and its datasets would linger.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

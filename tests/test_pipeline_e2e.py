@@ -68,3 +68,30 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     again = _snakemake(tmp_path, "-n", "all", timeout=300)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # editing the config reruns only what the edit touches: a new run trains alone (no download, no
+    # retraining of the others), and a changed lr retrains that one run
+    config = tiny_config()
+    config["runs"]["clip-s1"] = {"method": "clip", "seed": 1}
+    config["runs"]["amorlip"]["lr"] = 0.000777
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = _snakemake(tmp_path, "-n", "all", timeout=300)
+    assert plan.returncode == 0, plan.stdout[-4000:] + plan.stderr[-4000:]
+    out = plan.stdout + plan.stderr
+    assert _job_counts(out) == {"train_run": 2, "export": 2, "evaluate_run": 2, "report": 1, "all": 1}, out[-3000:]
+    scheduled = {line.split("run=")[1].split(",")[0].strip() for line in out.splitlines() if "wildcards: run=" in line}
+    assert scheduled == {"clip-s1", "amorlip"}, out[-3000:]
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    """Snakemake's dry-run "job  count" table as a dict (the `total` line left out)."""
+    counts, in_table = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            counts[parts[0]] = int(parts[1])
+    return counts

@@ -2,6 +2,7 @@
 # (an invalid key or value stops here, naming it), expand the runs, and write the resolved config
 # that every `amorlip ...` command reads.
 import hashlib
+import json
 import os
 import sys
 
@@ -45,7 +46,35 @@ def _write_resolved_config():
 
 
 # Every rule passes this file as `--config`; it holds the validated config with defaults filled.
+# Rules name it in their shell command ({CONFIG_FILE}), never in `params`: its name changes with any
+# edit of the config, and Snakemake reruns a job whose params changed, so one new run in `runs`
+# would re-download the data and retrain every run. Each rule's `params.settings` is instead a
+# digest of only the settings its output depends on (see settings_digest).
 CONFIG_FILE = _write_resolved_config()
+
+
+def settings_digest(*parts):
+    """A short digest of the config blocks one job's output depends on (its `params.settings`).
+
+    Snakemake reruns a job when its params change; with a digest of just these blocks, editing one
+    run's lr retrains that run alone, adding a run or a suite reruns nothing that exists, and
+    changing a dataset's options rebuilds that dataset (and, through the inputs, what follows).
+    """
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dataset_settings(wc):
+    return settings_digest(config["datasets"][wc.dataset])
+
+
+def run_settings(wc):
+    return settings_digest(RUNS[wc.run].to_dict())
+
+
+def evaluation_settings(wc):
+    evaluation = {k: v for k, v in config["evaluation"].items() if k != "suites"}
+    return settings_digest(RUNS[wc.run].to_dict(), evaluation, wc.suite)
 
 
 wildcard_constraints:

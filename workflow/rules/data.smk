@@ -5,13 +5,13 @@ rule source:
     output:
         urls=f"{RESOURCES}/{{dataset}}/urls.parquet",
     params:
-        cfg=CONFIG_FILE,
+        settings=dataset_settings,
     log:
         f"{LOGS}/source/{{dataset}}.log",
     benchmark:
         f"{LOGS}/source/{{dataset}}.benchmark.tsv"
     shell:
-        "amorlip source --config {params.cfg:q} --dataset {wildcards.dataset:q} --out {output.urls:q} > {log:q} 2>&1"
+        "amorlip source --config {CONFIG_FILE:q} --dataset {wildcards.dataset:q} --out {output.urls:q} > {log:q} 2>&1"
 
 
 rule download:
@@ -20,14 +20,14 @@ rule download:
     output:
         shards=directory(f"{DATA}/{{dataset}}/shards"),
     params:
-        cfg=CONFIG_FILE,
+        settings=dataset_settings,
     threads: 2
     log:
         f"{LOGS}/download/{{dataset}}.log",
     benchmark:
         f"{LOGS}/download/{{dataset}}.benchmark.tsv"
     shell:
-        "amorlip download --config {params.cfg:q} --dataset {wildcards.dataset:q} --urls {input.urls:q} --out {output.shards:q} > {log:q} 2>&1"
+        "amorlip download --config {CONFIG_FILE:q} --dataset {wildcards.dataset:q} --urls {input.urls:q} --out {output.shards:q} > {log:q} 2>&1"
 
 
 rule index:
@@ -37,13 +37,13 @@ rule index:
         sizes=f"{DATA}/{{dataset}}/sizes.json",
         manifest=f"{DATA}/{{dataset}}/manifest.json",
     params:
-        cfg=CONFIG_FILE,
+        settings=dataset_settings,
     log:
         f"{LOGS}/index/{{dataset}}.log",
     benchmark:
         f"{LOGS}/index/{{dataset}}.benchmark.tsv"
     shell:
-        "amorlip index --config {params.cfg:q} --dataset {wildcards.dataset:q} --shards {input.shards:q} > {log:q} 2>&1"
+        "amorlip index --config {CONFIG_FILE:q} --dataset {wildcards.dataset:q} --shards {input.shards:q} > {log:q} 2>&1"
 
 
 
@@ -60,7 +60,7 @@ rule emoji_evalsets:
     output:
         tasks=f"{DATA}/evalsets/emoji-heldout/tasks.json",
     params:
-        cfg=CONFIG_FILE,
+        settings=lambda wc: settings_digest(config["datasets"][emoji_dataset()]),
         dataset=lambda wc: emoji_dataset(),
         root=f"{DATA}/evalsets/emoji-heldout",
     log:
@@ -68,7 +68,7 @@ rule emoji_evalsets:
     benchmark:
         f"{LOGS}/evalsets/emoji-heldout.benchmark.tsv"
     shell:
-        "amorlip evalsets build-emoji --config {params.cfg:q} --dataset {params.dataset:q} --root {params.root:q} > {log:q} 2>&1"
+        "amorlip evalsets build-emoji --config {CONFIG_FILE:q} --dataset {params.dataset:q} --root {params.root:q} > {log:q} 2>&1"
 
 
 rule data:

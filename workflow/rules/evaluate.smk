@@ -15,13 +15,13 @@ rule evaluate_run:
     output:
         metrics=f"{RESULTS}/{{run}}/{{suite}}.json",
     params:
-        cfg=CONFIG_FILE,
+        settings=evaluation_settings,
     log:
         f"{LOGS}/evaluate/{{run}}/{{suite}}.log",
     benchmark:
         f"{LOGS}/evaluate/{{run}}/{{suite}}.benchmark.tsv"
     shell:
-        "SNAKEMAKE_RULE={rule} amorlip evaluate --config {params.cfg:q} --run {wildcards.run:q} --suite {wildcards.suite:q} --out {output.metrics:q} > {log:q} 2>&1"
+        "SNAKEMAKE_RULE={rule} amorlip evaluate --config {CONFIG_FILE:q} --run {wildcards.run:q} --suite {wildcards.suite:q} --out {output.metrics:q} > {log:q} 2>&1"
 
 
 rule evaluate:

@@ -15,10 +15,10 @@ rule report:
             category="Plots",
         ),
     params:
-        cfg=CONFIG_FILE,
+        settings=settings_digest(config),
     log:
         f"{LOGS}/report.log",
     benchmark:
         f"{LOGS}/report.benchmark.tsv"
     shell:
-        "amorlip report --config {params.cfg:q} > {log:q} 2>&1"
+        "amorlip report --config {CONFIG_FILE:q} > {log:q} 2>&1"

@@ -49,13 +49,13 @@ rule mlflow_init:
     output:
         parent=f"{RESULTS}/mlflow_parent.json",
     params:
-        cfg=CONFIG_FILE,
+        settings=settings_digest(config["name"], config["mlflow"]),
     log:
         f"{LOGS}/mlflow_init.log",
     benchmark:
         f"{LOGS}/mlflow_init.benchmark.tsv"
     shell:
-        "amorlip mlflow init --config {params.cfg:q} --out {output.parent:q} > {log:q} 2>&1"
+        "amorlip mlflow init --config {CONFIG_FILE:q} --out {output.parent:q} > {log:q} 2>&1"
 
 
 rule train_run:
@@ -65,7 +65,7 @@ rule train_run:
     output:
         summary=f"{RUNS_DIR}/{{run}}/train.json",
     params:
-        cfg=CONFIG_FILE,
+        settings=run_settings,
         nproc=lambda wc: RUNS[wc.run].nproc,
         launcher=_train_launcher,
     threads: lambda wc: max(1, RUNS[wc.run].nproc)
@@ -87,7 +87,7 @@ rule train_run:
     benchmark:
         f"{LOGS}/train/{{run}}.benchmark.tsv"
     shell:
-        "SNAKEMAKE_RULE={rule} {params.launcher} amorlip launch --nproc {params.nproc} -- train --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
+        "SNAKEMAKE_RULE={rule} {params.launcher} amorlip launch --nproc {params.nproc} -- train --config {CONFIG_FILE:q} --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule export:
@@ -96,13 +96,13 @@ rule export:
     output:
         model=f"{RUNS_DIR}/{{run}}/model.pt",
     params:
-        cfg=CONFIG_FILE,
+        settings=run_settings,
     log:
         f"{LOGS}/export/{{run}}.log",
     benchmark:
         f"{LOGS}/export/{{run}}.benchmark.tsv"
     shell:
-        "amorlip export --config {params.cfg:q} --run {wildcards.run:q} > {log:q} 2>&1"
+        "amorlip export --config {CONFIG_FILE:q} --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule train:
