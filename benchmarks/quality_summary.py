@@ -103,8 +103,7 @@ def pooled_vs_clip(summary: dict) -> dict[str, dict]:
         if key == "clip":
             continue
         diffs = [d for c in by_batch.values() if c.get("paired") for d in c["paired"]["diffs"]]
-        clip_means = [summary["cells"]["clip"][b]["mean"] for b, c in by_batch.items()
-                      if c.get("paired") and b in summary["cells"].get("clip", {})]
+        clip_means = [summary["cells"]["clip"][b]["mean"] for b, c in by_batch.items() if c.get("paired")]
         if not diffs:
             continue
         mean, std = mean_std(diffs)

@@ -36,8 +36,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from amorlip.fileio import atomic_write_json
 from amorlip.data.loopback import LoopbackFileServer
+from amorlip.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def _write_resolved_config():
 # Every rule passes this file as `--config`; it holds the validated config with defaults filled.
 # Rules name it in their shell command ({CONFIG_FILE}), never in `params`: its name changes with any
 # edit of the config, and Snakemake reruns a job whose params changed, so one new run in `runs`
-# would re-download the data and retrain every run. Each rule's `params.settings` is instead a
+# would re-download the data and retrain every run. A rule's `params.settings` is instead a
 # digest of only the settings its output depends on (see settings_digest).
 CONFIG_FILE = _write_resolved_config()
 
@@ -73,8 +73,9 @@ def run_settings(wc):
 
 
 def evaluation_settings(wc):
-    evaluation = {k: v for k, v in config["evaluation"].items() if k != "suites"}
-    return settings_digest(RUNS[wc.run].to_dict(), evaluation, wc.suite)
+    """Beyond its inputs (model.pt, which a changed run retrains, and the suite's files), an
+    evaluation's numbers depend on where the DataComp sets live; batch size and workers change speed only."""
+    return settings_digest(wc.suite, config["evaluation"]["datacomp_root"])
 
 
 wildcard_constraints:

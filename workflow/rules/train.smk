@@ -95,8 +95,6 @@ rule export:
         summary=rules.train_run.output.summary,
     output:
         model=f"{RUNS_DIR}/{{run}}/model.pt",
-    params:
-        settings=run_settings,
     log:
         f"{LOGS}/export/{{run}}.log",
     benchmark:
