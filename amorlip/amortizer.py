@@ -8,7 +8,7 @@ Per modality there are three nets (method notes 1.3, 1.5):
 
 At the start of every epoch (notes 1.5.3, Alg. 1 line 4, pitfall 7), in this order: prev <- EMA;
 then, on re-init epochs, the online nets get fresh random weights, EMA <- online, and a fresh Adam
-with lr = lambda_lr x world size. The fresh weights come from a generator seeded by
+(lr: ``amorlip.tasks.lambda_adam_lr``). The fresh weights come from a generator seeded by
 (seed, epoch, modality), so a resumed run re-creates the same nets.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from amorlip.objectives.distributed import all_reduce_mean_, world_size
+from amorlip.objectives.distributed import all_reduce_mean_
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,13 @@ def _frozen(net: nn.Module) -> nn.Module:
 class LambdaState:
     """The lambda nets of both modalities (online, EMA, prev), their Adam and their life cycle.
 
-    ``lr`` is the per-rank ``lambda_lr``; Adam uses ``lr x world_size(group)`` as the authors do after
-    every re-init (notes 1.5.3). One Adam and one gradient-norm clip cover both modalities, as the
-    authors' single ``LambdaMLPs`` module does. With a group of W > 1 ranks the gradients are
-    all-reduced (mean) before clipping, so the nets stay identical on every rank (they also start
-    identical: the same seed everywhere).
+    ``lr`` is the Adam lr (the task resolves ``lambda_lr`` and its optional world-size scaling). One
+    Adam and one gradient-norm clip cover both modalities, as the authors' single ``LambdaMLPs``
+    module does. With a group of W > 1 ranks the nets are one model across ranks: they start
+    identical (weights drawn from the run seed, the same on every rank), their gradients are
+    all-reduced (mean) before clipping, so every Adam step, every EMA update and every per-epoch life
+    cycle is the same computation on every rank. :meth:`checksum` lets the trainer verify that at
+    every checkpoint.
     """
 
     def __init__(self, dim: int, hidden_factor: float = 1.0, lr: float = 1e-3, ema_alpha: float = 0.92,
@@ -117,7 +119,7 @@ class LambdaState:
                  group=None):
         self.dim = dim
         self.hidden_factor = hidden_factor
-        self.lr = lr * world_size(group)
+        self.lr = lr
         self.ema_alpha = ema_alpha
         self.grad_clip = grad_clip
         self.seed = seed
@@ -168,9 +170,9 @@ class LambdaState:
         Features are detached inside the nets, so no lambda gradient reaches the encoders. Gradients
         are averaged over ranks, clipped (joint norm over both modalities), stepped, and cleared at
         the end so no stale lambda gradient survives into the encoder step. Returns the loss of the
-        last iteration (before its step), a float.
+        last iteration (before its step) as a detached tensor: reading it would stall a GPU.
         """
-        last = float("nan")
+        last = torch.tensor(float("nan"), device=self.device)
         params = list(self.online.parameters())
         for _ in range(iterations):
             loss = loss_fn(self.online["image"](img), self.online["text"](txt))
@@ -181,7 +183,7 @@ class LambdaState:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.optimizer.step()
-            last = float(loss.detach())
+            last = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         return last
 
@@ -193,6 +195,27 @@ class LambdaState:
         """The EMA nets' state dicts (what the export stores as ``lambda_nets``)."""
         return {m: {k: v.detach().cpu().clone() for k, v in self.ema[m].state_dict().items()}
                 for m in MODALITIES}
+
+    def checksum(self) -> str:
+        """sha256 over every net (online, EMA, prev) and the Adam state, in a fixed order.
+
+        Equal on every rank while the nets are one model; the trainer compares it across ranks at
+        every checkpoint. Reads the device (call it at checkpoints, not per step).
+        """
+        digest = hashlib.sha256()
+        for name, nets in (("online", self.online), ("ema", self.ema), ("prev", self.prev)):
+            for m in MODALITIES:
+                for key, value in sorted(nets[m].state_dict().items()):
+                    digest.update(f"{name}/{m}/{key}".encode())
+                    digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        for index, state in sorted(self.optimizer.state_dict()["state"].items()):
+            for key, value in sorted(state.items()):
+                digest.update(f"adam/{index}/{key}".encode())
+                if isinstance(value, torch.Tensor):
+                    digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+                else:
+                    digest.update(repr(value).encode())
+        return digest.hexdigest()
 
     def state_dict(self) -> dict:
         """Plain tensors/dicts/lists/numbers only: loads with ``torch.load(weights_only=True)``."""

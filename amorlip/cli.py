@@ -12,6 +12,7 @@ import os
 import sys
 
 from amorlip.config import ConfigError, load_config
+from amorlip.fileio import OutputLockedError, output_lock
 
 log = logging.getLogger("amorlip")
 
@@ -55,19 +56,30 @@ def cmd_source(args) -> int:
     if ds["source"] == "emoji":
         from amorlip.data.demo import build_demo
 
-        build_demo(config, args.dataset, out=args.out)
-    else:
-        from amorlip.data.sources import write_url_parquet
+        with output_lock(args.out):
+            build_demo(config, args.dataset, out=args.out)
+        return 0
+    from amorlip.data.sources import UrlListError, write_url_parquet
 
-        write_url_parquet(config, args.dataset, out=args.out)
+    try:
+        with output_lock(args.out):
+            write_url_parquet(config, args.dataset, out=args.out)
+    except UrlListError as exc:  # the file, line and fix in one line, not a pandas traceback
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_download(args) -> int:
-    from amorlip.data.download import download
+    from amorlip.data.download import DownloadIncomplete, download
 
     config = _config(args)
-    download(config, _dataset(config, args.dataset), urls=args.urls, out_dir=args.out)
+    try:
+        with output_lock(args.out):
+            download(config, _dataset(config, args.dataset), urls=args.urls, out_dir=args.out)
+    except DownloadIncomplete as exc:  # urls never attempted: named, and never an exit status of 0
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -75,7 +87,8 @@ def cmd_index(args) -> int:
     from amorlip.data.download import write_index
 
     config = _config(args)
-    write_index(config, _dataset(config, args.dataset), shards_dir=args.shards)
+    with output_lock(args.shards):  # the same lock as the download of these shards
+        write_index(config, _dataset(config, args.dataset), shards_dir=args.shards)
     return 0
 
 
@@ -83,22 +96,34 @@ def cmd_train(args) -> int:
     from amorlip.train.run import train
 
     config = _config(args)
-    return train(config, args.run)
+    # every rank runs this; the global rank 0 alone holds the run's lock for the whole job
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank not in ("", "0"):
+        return train(config, args.run)
+    with output_lock(os.path.join(config["paths"]["runs"], args.run)):
+        return train(config, args.run)
 
 
 def cmd_export(args) -> int:
     from amorlip.train.export import export
 
     config = _config(args)
-    export(config, args.run)
+    with output_lock(os.path.join(config["paths"]["runs"], args.run, "model.pt")):
+        export(config, args.run)
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from amorlip.evaluate.runner import evaluate
+    from amorlip.train.export import ModelFileError
 
     config = _config(args)
-    evaluate(config, args.run, args.suite, out=args.out)
+    try:
+        with output_lock(args.out):
+            evaluate(config, args.run, args.suite, out=args.out)
+    except ModelFileError as exc:  # names the file and how to redo it: no traceback needed
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -106,7 +131,8 @@ def cmd_report(args) -> int:
     from amorlip.report import report
 
     config = _config(args)
-    report(config)
+    with output_lock(os.path.join(config["paths"]["results"], "summary.csv")):
+        report(config)
     return 0
 
 
@@ -114,7 +140,8 @@ def cmd_mlflow_init(args) -> int:
     from amorlip.tracking import init_pipeline
 
     config = _config(args)
-    init_pipeline(config, out=args.out)
+    with output_lock(args.out):
+        init_pipeline(config, out=args.out)
     return 0
 
 
@@ -140,25 +167,50 @@ def cmd_evalsets_build_emoji(args) -> int:
     from amorlip.data.demo import build_heldout_evalsets
 
     config = _config(args)
-    build_heldout_evalsets(config, _dataset(config, args.dataset), root=args.root)
+    with output_lock(args.root):
+        build_heldout_evalsets(config, _dataset(config, args.dataset), root=args.root)
     return 0
 
 
 def cmd_launch(args) -> int:
-    """Start ``amorlip <rest>`` on ``--nproc`` local ranks.
+    """Start ``amorlip <rest>`` on ``--nproc`` ranks per node (``amorlip.slurm.launch_plan``).
 
-    Under ``srun`` with several tasks, SLURM already started one process per rank, so the command
-    runs in this process and ``distributed.py`` maps the SLURM variables. Otherwise one rank runs
-    in-process and several go through ``torchrun --standalone`` (a free rendezvous port, so
-    parallel jobs on one machine do not collide).
+    - one of several tasks of an ``srun`` step: SLURM already started one process per rank, so the
+      command runs in this process and ``distributed.py`` maps the SLURM variables;
+    - inside a multi-task allocation but not in a step (``sbatch -n 8 --wrap "amorlip launch ..."``,
+      an ``salloc`` shell): this process becomes ``srun``, which starts the ranks as a job step
+      (SLURM_NTASKS alone cannot tell the batch script from a rank: both say 8);
+    - otherwise one rank runs in-process and several go through ``torchrun --standalone`` (a free
+      rendezvous port, so parallel jobs on one machine do not collide).
     """
+    from amorlip import slurm
+
     rest = list(args.rest)
     if rest and rest[0] == "--":
         rest = rest[1:]
     if not rest:
         raise SystemExit("amorlip launch: nothing to run (usage: amorlip launch --nproc N -- train ...)")
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or args.nproc == 1:
-        return main(rest)
+    if args.nproc < 1 or (args.nodes is not None and args.nodes < 1):
+        raise SystemExit("amorlip launch: --nproc and --nodes must be at least 1")
+    plan = slurm.launch_plan(args.nproc)
+    if plan == "inline":
+        if not (slurm.in_job_step() and slurm.allocation_tasks() > 1):
+            return main(rest)
+        # one rank of an srun step: before torch is imported (its OpenMP pool reads the variable
+        # once, when it loads), as torchrun does for several local ranks
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        slurm.absorb_late_sigterm()
+        slurm.exit_rank(main(rest))  # keeps the rank's code when srun stops a step a peer left
+        return 0  # not reached
+    if plan == "srun":
+        cmd = [*slurm.allocation_srun_command(args.nproc, args.nodes),
+               sys.executable, "-m", "amorlip.cli", "launch", "--nproc", str(args.nproc), "--", *rest]
+        log.info("inside allocation %s (not a job step): starting the ranks with %s",
+                 os.environ.get("SLURM_JOB_ID"), " ".join(cmd))
+        os.execvp(cmd[0], cmd)
+    if args.nodes not in (None, 1):
+        raise SystemExit(f"amorlip launch: --nodes {args.nodes} needs a SLURM allocation with that many "
+                         "nodes (torchrun here starts ranks on this machine only)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={args.nproc}", "-m", "amorlip.cli", "--", *rest]
     log.info("launching %d ranks: %s", args.nproc, " ".join(cmd))
@@ -236,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="runs/{run}/mlflow-offline.jsonl")
     sp.add_argument("--tracking-uri", default=None)
 
-    sp = add("launch", cmd_launch, "run an amorlip command on N local ranks (torchrun) or under srun")
-    sp.add_argument("--nproc", type=int, default=1)
+    sp = add("launch", cmd_launch, "run an amorlip command on N ranks per node (torchrun, or srun in a SLURM allocation)")
+    sp.add_argument("--nproc", type=int, default=1, help="ranks per node")
+    sp.add_argument("--nodes", type=int, default=None,
+                    help="nodes (inside a SLURM allocation; default: all of its nodes)")
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
 
     ev = sub.add_parser("evalsets", help="evaluation sets").add_subparsers(dest="evalsets_command", required=True)
@@ -264,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"amorlip: {exc}", file=sys.stderr)
         return 2
+    except OutputLockedError as exc:
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

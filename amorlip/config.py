@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
-# Variant defaults (method notes 1.8): resolved here, in one place, and recorded in each run's
-# exported config so a report always says which choice ran.
+# Variant defaults: resolved here, in one place, and recorded in each run's exported config so a
+# report always says which choice ran.
 VARIANT_DEFAULTS = {
     "published": {"pos_coef": 1e-3, "encoder_partition": "mixed_target"},
     "paper": {"pos_coef": 1.0, "encoder_partition": "ema_net"},
@@ -35,6 +36,157 @@ _YAML11_TEXT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and what to do."""
+
+
+# Dataset and run names become folder names (resources/{dataset}, runs/{run}), Snakemake wildcard
+# values and MLflow run names: one pattern for both, checked before anything uses them, so `..`, `/`,
+# a leading `-` (read as an option), control, shell or glob characters never reach a path or a shell.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+_NAME_RE = re.compile(NAME_PATTERN)
+NAME_RULE = ("letters, digits, '-', '_' and '.', starting with a letter or digit, at most 100 characters "
+             f"(pattern {NAME_PATTERN})")
+
+# A config is a few KiB. The caps stop a hostile or broken file before it costs anything: a YAML
+# "billion laughs" (anchors of anchors) is small on disk but every consumer that walks it (the schema
+# validator, deepcopy, the digests) pays for the fully expanded tree, ~10x per nesting level.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_yaml_nodes(root: yaml.Node, path: Path) -> None:
+    """Refuse alias expansion beyond :data:`MAX_CONFIG_NODES`, recursive aliases and duplicate keys.
+
+    Works on the composed node graph, before any Python object is built: the expanded size is counted
+    with a memo per node (linear in the file, whatever the nesting), and only a graph under the cap is
+    then walked key by key. PyYAML keeps the last of two equal keys, silently: a second ``runs.clip``
+    would replace the first (a run called ``clip`` training SigLIP), so a repeated key is an error
+    naming both lines.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"config error: {path} line {node.start_mark.line + 1}: a YAML alias refers "
+                              "to the node that contains it (a recursive alias); write the value out")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += expanded(k) + expanded(v)
+                if total > MAX_CONFIG_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for v in node.value:
+                total += expanded(v)
+                if total > MAX_CONFIG_NODES:
+                    break
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"config error: {path} expands to more than {MAX_CONFIG_NODES} YAML values through its "
+                "aliases (*name); a pipeline config needs a few hundred: write the values out instead "
+                "of nesting aliases")
+        return total
+
+    expanded(root)
+
+    def walk(node: yaml.Node, where: list[str]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` overrides on purpose
+                    walk(v, where)
+                    continue
+                name = str(k.value) if isinstance(k, yaml.ScalarNode) else "<complex key>"
+                line = k.start_mark.line + 1
+                if name in seen:
+                    raise ConfigError(
+                        f"config error: duplicate key '{_key_path([*where, name])}' in {path} at line {line} "
+                        f"(first given at line {seen[name]}); YAML would silently keep only the last one: "
+                        "remove or rename one of them")
+                seen[name] = line
+                walk(v, [*where, name])
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, [*where, str(i)])
+
+    walk(root, [])
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Parse a config file strictly: size and alias caps, no duplicate keys, not empty, a mapping.
+
+    Snakemake parses ``--configfile`` itself (keeping the last duplicate, expanding nothing); the
+    Snakefile calls this on the same files so both doors (``snakemake`` and ``amorlip validate``)
+    refuse the same files with the same message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {path} is {size} bytes; a pipeline config is a few KiB "
+                          f"(limit {MAX_CONFIG_BYTES}): is this the right file?")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config error: {path} line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); "
+                          "save the file as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"config error: {path} nests too deeply to be a pipeline config") from None
+    if root is None:
+        raise ConfigError(f"config error: {path} is empty (no settings); start from a copy of "
+                          "config/config.yaml, the complete demo config")
+    _check_yaml_nodes(root, path)
+    loader = yaml.SafeLoader("")
+    try:
+        raw = loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping (key: value lines) at the top level, "
+                          f"not a {type(raw).__name__}")
+    return raw
+
+
+def _non_finite(obj: Any, where: list[str]) -> Iterator[str]:
+    """Dotted keys of every NaN or infinite number under ``obj``.
+
+    JSON Schema cannot say "finite": ``nan > 0`` and ``nan < 1`` are both false, so ``.nan`` passes
+    every bound, and a NaN bound disables the guard it configures (``abs(gap) > nan`` is never true).
+    No key of the config has a meaning for NaN or infinity, so all are refused.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        yield f"{_key_path(where)} = {obj}"
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _non_finite(v, [*where, str(k)])
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _non_finite(v, [*where, str(i)])
+
+
+def _check_names(config: Mapping[str, Any]) -> None:
+    for section, kind in (("datasets", "dataset"), ("runs", "run")):
+        block = config.get(section)
+        if not isinstance(block, Mapping):
+            continue  # the schema reports the type
+        for name in block:
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+                raise ConfigError(f"config error: invalid {kind} name {name!r} at '{section}': use {NAME_RULE}")
 
 
 def _key_path(path: Any) -> str:
@@ -96,6 +248,11 @@ def _prefixed(err: jsonschema.ValidationError, key: str) -> jsonschema.Validatio
 def validate(raw: Mapping[str, Any]) -> dict:
     """Validate ``raw`` against the schema and return a copy with every default filled in."""
     config = copy.deepcopy(dict(raw or {}))
+    bad = list(itertools.islice(_non_finite(config, []), 5))
+    if bad:
+        raise ConfigError(f"config error: non-finite number(s) at {', '.join(repr(b) for b in bad)}; "
+                          "every number in the config must be finite (no .nan / .inf)")
+    _check_names(config)
     schema = load_schema()
     # Run entries are partial overrides of `defaults`: check them without filling defaults, or a
     # run's filled-in default would silently override the user's `defaults` block.
@@ -128,6 +285,7 @@ class AmorlipConfig:
     lambda_loss: str
     div_reg_coef: float
     lambda_lr: float
+    lambda_lr_scaling: str
     lambda_hidden_factor: float
     t_online: int
     t_lambda: int
@@ -136,6 +294,7 @@ class AmorlipConfig:
     beta_max: float
     beta_epochs: int
     rho: tuple[float, ...]
+    rho_epochs: tuple[int, ...] | None
     scale_loss: bool
     reinit_every_epochs: int
     lambda_grad_clip: float | None
@@ -162,10 +321,14 @@ class RunConfig:
     adam_betas: tuple[float, float]
     adam_eps: float
     lr_logit_scale: float | None
+    lr_logit_scale_thresh: float | None
+    lr_logit_scale_thresh_ratio: float
     init_logit_scale: float
     max_logit_scale: float
     precision: str
     zero_stage: int
+    zero_bucket_size: int
+    zero_overlap_comm: bool
     nproc: int
     nodes: int
     workers: int
@@ -175,14 +338,13 @@ class RunConfig:
     log_every: int
     siglip_init_bias: float
     amorlip: AmorlipConfig
+    deterministic: bool = False  # defaulted: a model.pt exported before the setting existed still loads
 
     @property
     def world_size(self) -> int:
+        """The configured rank count; the launched one lives in :class:`amorlip.distributed.WorldInfo`,
+        which checks that the two agree and owns the local batch size."""
         return self.nproc * self.nodes
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.batch_size // self.world_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +354,7 @@ class RunConfig:
         d = dict(d)
         am = dict(d.pop("amorlip"))
         am["rho"] = tuple(am["rho"])
+        am["rho_epochs"] = tuple(am["rho_epochs"]) if am.get("rho_epochs") is not None else None
         d["adam_betas"] = tuple(d["adam_betas"])
         return cls(amorlip=AmorlipConfig(**am), **d)
 
@@ -249,10 +412,8 @@ def expand_runs(config: Mapping[str, Any]) -> dict[str, RunConfig]:
         raise ConfigError("config error: no runs: set 'runs' or 'sweep'")
     runs = {}
     for name, override in entries.items():
-        if not name or any(c in name for c in "/\\ ;'\"$`") or name.startswith("."):
-            raise ConfigError(
-                f"config error: invalid run name {name!r} at 'runs': use letters, digits, '-', '_' and '.'"
-            )
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"config error: invalid run name {name!r} at 'runs': use {NAME_RULE}")
         runs[name] = _resolve_run(name, _deep_merge(config["defaults"], override))
     return runs
 
@@ -272,6 +433,12 @@ def _check_semantics(config: dict, runs: Mapping[str, RunConfig], check_paths: b
             raise ConfigError(
                 f"config error at '{where}.model': unknown model '{run.model}'; use an open_clip name "
                 f"(e.g. RN50, ViT-B-32) or one of amorlip's configs ({', '.join(sorted(m for m in models if m.startswith('amorlip')))})"
+            )
+        rho_epochs = run.amorlip.rho_epochs
+        if rho_epochs is not None and (len(rho_epochs) != len(run.amorlip.rho) or sum(rho_epochs) != run.epochs):
+            raise ConfigError(
+                f"config error at '{where}.amorlip.rho_epochs': {list(rho_epochs)} must give one epoch count per "
+                f"rho value ({len(run.amorlip.rho)}) summing to epochs ({run.epochs})"
             )
         if run.batch_size % run.world_size:
             raise ConfigError(
@@ -314,16 +481,7 @@ def load_config(
     if source is None or isinstance(source, Mapping):
         raw = dict(source or {})
     else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"config error: config file not found: {path}")
-        try:
-            with open(path) as fh:
-                raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+        raw = read_config_file(source)
     config = validate(raw)
     runs = expand_runs(config)
     _check_semantics(config, runs, check_paths)

@@ -1,11 +1,16 @@
-"""Where this process sits in the job: rank, local rank, world size, rendezvous address.
+"""Where this process sits in the job, and the one object that owns it: :class:`WorldInfo`.
 
-One function (:func:`world_info_from_env`) reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT) or, under ``srun``, SLURM's (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS,
-the first host of SLURM_JOB_NODELIST), else describes a single process. :func:`init_distributed`
-then writes the torchrun-style variables DeepSpeed insists on and creates the process group:
-gloo on CPU, NCCL on GPU. DeepSpeed needs a process group even for one rank, so a lone process
-gets a 1-rank gloo/NCCL group on a free loopback port.
+:func:`read_launch_env` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) or, under ``srun``, SLURM's (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, the first host
+of SLURM_JOB_NODELIST), else describes a single process. :func:`init_distributed` then writes the
+torchrun-style variables DeepSpeed insists on and creates the process group: gloo on CPU, NCCL on
+GPU. DeepSpeed needs a process group even for one rank, so a lone process gets a 1-rank group.
+
+:func:`init_world` is what the trainer calls: it creates the group and returns a frozen
+:class:`WorldInfo` (rank, world size, the process group of the global batch, the device, the local
+and the global batch size). The engine, the loader, the trainer and the objectives read their
+geometry from it and from nothing else, so a rank can never train on per-rank negatives while the
+others assume global ones (docs/architecture.md, "The world").
 """
 
 from __future__ import annotations
@@ -23,22 +28,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from amorlip.slurm import in_job_step
+
 log = logging.getLogger(__name__)
 
 # A rendezvous port derived from SLURM_JOB_ID lands in [_PORT_BASE, _PORT_BASE + _PORT_SPAN), so two
-# jobs sharing a node rarely collide (open_clip and PyTorch Lightning use the same trick).
-_PORT_BASE = 15000
-_PORT_SPAN = 20000
+# jobs sharing a node rarely collide (open_clip and PyTorch Lightning use the same trick). The range
+# ends below 32768, where Linux's ephemeral ports begin (net.ipv4.ip_local_port_range), so an
+# outgoing connection of another program cannot already hold the port.
+_PORT_BASE = 20000
+_PORT_SPAN = 12000
 
 
 @dataclasses.dataclass(frozen=True)
-class WorldInfo:
+class LaunchEnv:
+    """What the launcher (torchrun, srun, or nothing) says about this process."""
+
     rank: int
     local_rank: int
     world_size: int
     master_addr: str
     master_port: int
     source: str  # "torchrun", "slurm" or "single"
+
+
+class WorldSizeMismatch(RuntimeError):
+    """The launched world differs from the configured one (the global batch would be split wrongly)."""
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -85,27 +100,29 @@ def first_host(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
-def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """Rank and rendezvous from torchrun, else SLURM (one task per rank), else a single process."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return WorldInfo(
+        return LaunchEnv(
             rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)),
             world_size=int(env["WORLD_SIZE"]), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)), source="torchrun",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # a task of an srun step only: a batch script (`sbatch -n 8`) also carries SLURM_PROCID=0 and
+    # SLURM_NTASKS=8, but it is one process, not rank 0 of 8 (its peers would never come)
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and in_job_step(env):
         if "MASTER_PORT" in env:
             port = int(env["MASTER_PORT"])
         else:
             port = _PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % _PORT_SPAN
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         addr = env.get("MASTER_ADDR") or first_host(nodelist)
-        return WorldInfo(
+        return LaunchEnv(
             rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(env["SLURM_NTASKS"]), master_addr=addr, master_port=port, source="slurm",
         )
-    return WorldInfo(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
+    return LaunchEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
                      master_port=int(env.get("MASTER_PORT", 0)) or 0, source="single")
 
 
@@ -125,12 +142,14 @@ def prepare_deepspeed_cpu() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> WorldInfo:
+def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> LaunchEnv:
     """Export the variables DeepSpeed expects, then create the default process group.
 
-    Returns the resolved :class:`WorldInfo`. Idempotent: an existing group is reused.
+    Returns the resolved :class:`LaunchEnv`. Idempotent: an existing group is reused. ``timeout_s``
+    bounds the rendezvous and the checkpoint collectives (a save on a slow shared file system can
+    take minutes); per-step collectives use :func:`step_group`'s shorter timeout.
     """
-    info = world_info_from_env()
+    info = read_launch_env()
     if info.source == "single" and not info.master_port:
         info = dataclasses.replace(info, master_port=free_port())
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
@@ -142,7 +161,7 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> World
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(cuda_device_for(info.local_rank))
     import deepspeed
 
     if info.source == "single":
@@ -158,8 +177,79 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> World
     return info
 
 
-def device_for(info: WorldInfo) -> torch.device:
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+def cuda_device_for(local_rank: int) -> int:
+    """This rank's CUDA ordinal, ``local_rank % device_count`` (``amorlip.devices.cuda_device_index``)."""
+    from amorlip.devices import cuda_device_index
+
+    return cuda_device_index(local_rank, torch.cuda.device_count())
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device(f"cuda:{cuda_device_for(local_rank)}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldInfo:
+    """The one owner of a training job's geometry; every consumer reads it from here.
+
+    ``group`` is the process group of the global batch: the objectives gather over it (global
+    negatives, global partition targets) and the lambda nets all-reduce their gradients over it.
+    It is ``None`` only for one rank. ``global_batch = local_batch x world_size`` always.
+    """
+
+    rank: int
+    local_rank: int
+    world_size: int
+    group: Any
+    device: torch.device
+    global_batch: int
+    local_batch: int
+    source: str = "single"
+    step_group: Any = None
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# Per-step collectives (the stop/NaN flags, the metric means) run in a group of their own with this
+# timeout: when one rank dies uncaught (CUDA OOM on one GPU, a segfault), the others fail at the next
+# step after this long instead of waiting the 30 minutes a checkpoint barrier may legitimately need.
+STEP_TIMEOUT_S_ENV = "AMORLIP_STEP_TIMEOUT_S"
+DEFAULT_STEP_TIMEOUT_S = 600
+
+
+def make_world(global_batch: int, configured_world_size: int | None = None, what: str = "this run",
+               backend: str | None = None) -> WorldInfo:
+    """Create the process group and the :class:`WorldInfo` for a job of ``global_batch`` samples a step.
+
+    ``configured_world_size`` (``nproc x nodes`` of the run) must equal the launched world size: a
+    mismatch raises :class:`WorldSizeMismatch` naming both, before any model is built (the batch split,
+    the DeepSpeed batch and the data position all depend on it).
+    """
+    launch = init_distributed(backend)
+    if configured_world_size is not None and configured_world_size != launch.world_size:
+        raise WorldSizeMismatch(
+            f"{what} is configured for nproc x nodes = {configured_world_size} rank(s) but was launched "
+            f"with {launch.world_size} ({launch.source}); launch it with `amorlip launch --nproc "
+            f"{configured_world_size} -- train ...` (or srun with {configured_world_size} tasks), or set the "
+            f"run's nproc/nodes to match {launch.world_size}")
+    if global_batch % launch.world_size:
+        raise WorldSizeMismatch(f"{what}: batch_size {global_batch} is not divisible by the "
+                                f"{launch.world_size} ranks")
+    group = dist.group.WORLD if launch.world_size > 1 else None
+    step_group = None
+    if launch.world_size > 1:
+        timeout = int(os.environ.get(STEP_TIMEOUT_S_ENV) or DEFAULT_STEP_TIMEOUT_S)
+        step_group = dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=timeout))
+    return WorldInfo(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size,
+                     group=group, device=device_for(launch.local_rank), global_batch=global_batch,
+                     local_batch=global_batch // launch.world_size, source=launch.source,
+                     step_group=step_group)
 
 
 def is_initialized() -> bool:
@@ -193,16 +283,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_max(value: float) -> float:
-    """The largest ``value`` over ranks (e.g. any rank saw a stop signal)."""
-    if not is_initialized() or world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def shutdown() -> None:
+    """Destroy the process group (in a ``finally``): NCCL warns about, and may hang on, a group that
+    is still alive at interpreter exit, and a clean teardown frees the rendezvous port at once."""
     if is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError) as exc:  # a peer already gone: nothing left to tear down
+            log.debug("destroy_process_group: %s", exc)

@@ -14,6 +14,13 @@ Reads ``results/{run}/{suite}.json`` (the evaluator's contract) and ``runs/{run}
 The relative gain is ``mean / baseline mean - 1`` in percent (the paper's "12.24%" is 24.11 / 21.48
 - 1 on Avg 38), against the run of ``report.baseline_method`` with the same dataset, model, batch
 size and seed, and only when both runs cover the same tasks (otherwise the means are not comparable).
+
+Two checks keep a comparison honest. Runs whose train.json records different
+``provenance.manifest_sha256`` values (amorlip/provenance.py) trained on different downloaded sample
+sets: the gain is still computed but flagged (``baseline_data_differs``, a note in summary.md). And
+a difference between two methods means little next to the spread of one method over seeds, so where
+the config has several seeds of one setting, summary.md shows each setting's mean +- std over seeds
+and the spread of its gain right below the runs table.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,6 +112,29 @@ def _covered_keys(res: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset(k for k, v in (res or {}).get("tasks", {}).items() if "main" in v)
 
 
+def data_digest(info: Mapping[str, Any]) -> str | None:
+    """The run's ``provenance.manifest_sha256`` from train.json (None when not recorded)."""
+    prov = info["train"].get("provenance")
+    return prov.get("manifest_sha256") if isinstance(prov, Mapping) else None
+
+
+def data_differs(info: Mapping[str, Any], other: Mapping[str, Any]) -> bool | None:
+    """True when both runs record a data digest and the digests differ; None when either is unknown."""
+    a, b = data_digest(info), data_digest(other)
+    return None if a is None or b is None else a != b
+
+
+def data_builds(data: Mapping[str, dict]) -> dict[str, dict[str, list[str]]]:
+    """Per dataset with more than one recorded data digest: ``{digest: [runs]}`` (runs on different
+    builds of the same dataset, whose numbers are not comparable as they stand)."""
+    by_dataset: dict[str, dict[str, list[str]]] = {}
+    for name, info in data.items():
+        digest = data_digest(info)
+        if digest is not None:
+            by_dataset.setdefault(info["config"].dataset, {}).setdefault(digest, []).append(name)
+    return {ds: builds for ds, builds in by_dataset.items() if len(builds) > 1}
+
+
 def _variant(info: Mapping[str, Any]) -> str:
     run: RunConfig = info["config"]
     return info["train"].get("variant") or run.variant
@@ -129,7 +160,7 @@ def summary_rows(config: Mapping[str, Any], data: Mapping[str, dict]) -> tuple[l
     for s in suites:
         columns += [f"{s}/{k}" for k in task_cols[s]] + [f"{s}/group/{g}" for g in group_cols[s]]
         columns += [f"{s}/mean", f"{s}/covered", f"{s}/gain_vs_{baseline_method}_pct"]
-    columns += ["baseline_run", "steps", "images_per_s", "wall_time_s"]
+    columns += ["baseline_run", "baseline_data_differs", "steps", "images_per_s", "wall_time_s"]
 
     rows = []
     for name, info in data.items():
@@ -137,7 +168,11 @@ def summary_rows(config: Mapping[str, Any], data: Mapping[str, dict]) -> tuple[l
         base = baseline_for(run, runs, baseline_method)
         row: dict[str, Any] = {"run": name, "method": run.method, "variant": _variant(info),
                                "dataset": run.dataset, "model": run.model, "batch": run.batch_size,
-                               "seed": run.seed, "baseline_run": base}
+                               "seed": run.seed, "baseline_run": base,
+                               "baseline_data_differs": None if base is None else data_differs(info, data[base])}
+        if row["baseline_data_differs"]:
+            log.warning("%s vs %s: trained on different data (manifest digests %s vs %s); the gain is flagged",
+                        name, base, (data_digest(info) or "")[:12], (data_digest(data[base]) or "")[:12])
         for s in suites:
             res = info["suites"].get(s) or {}
             tasks, agg = res.get("tasks", {}), res.get("aggregates", {})
@@ -206,11 +241,13 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
         cells = [row["run"], row["method"], row["variant"], str(row["batch"]), str(row["seed"])]
         for s in suites:
             gain = row[f"{s}/gain_vs_{base_m}_pct"]
+            flag = " (different data)" if row.get("baseline_data_differs") else ""
             cells += [_cell(row[f"{s}/mean"]), _cell(row[f"{s}/covered"]),
-                      "–" if gain is None else f"{gain:+.2f}"]
+                      "–" if gain is None else f"{gain:+.2f}{flag}"]
         cells += [_cell(row["steps"]), _cell(row["images_per_s"], 1), _cell(row["wall_time_s"], 0)]
         body.append(cells)
     lines += ["## Runs", ""] + _md_table(header, body) + [""]
+    lines += _seed_spread_markdown(config, seed_spread(config, rows), rows)
 
     for s in suites:
         per_run = {name: info["suites"].get(s) for name, info in data.items()}
@@ -250,10 +287,86 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
             notes.append(f"- `{name}` ran AmorLIP variant **{variant}** ({VARIANT_TEXT.get(variant, variant)}; "
                          f"pos_coef {run.amorlip.pos_coef:g}, encoder partition `{run.amorlip.encoder_partition}`, "
                          f"lambda loss `{run.amorlip.lambda_loss}`).")
+    for dataset, builds in data_builds(data).items():
+        listed = "; ".join(f"`{d[:12]}`: {', '.join(f'`{r}`' for r in runs)}" for d, runs in builds.items())
+        notes.append(f"- **Different data:** runs on `{dataset}` trained on {len(builds)} different downloads "
+                     f"(train.json `provenance.manifest_sha256`: {listed}); numbers across them are not "
+                     "comparable as they stand.")
     notes.append("- Chance: 1/classes for top-1 accuracy and mean per-class recall, 1/images for retrieval "
                  "recall@1; the suite's chance mean averages the covered tasks' chance levels.")
     lines += ["## Notes", ""] + notes + [""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- seed spread
+
+
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def seed_spread(config: Mapping[str, Any], rows: list[dict]) -> list[dict]:
+    """Settings (method, variant, dataset, model, batch) run with two or more seeds: per suite, the
+    spread over seeds of the suite mean (``mean``) and of the gain over the baseline (``gain``), each
+    ``{"n", "mean", "std" (sample), "min", "max"}`` in the summary's units (% and % gain)."""
+    base_m = config["report"]["baseline_method"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["method"], row["variant"], row["dataset"], row["model"], row["batch"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (method, variant, dataset, model, batch), members in groups.items():
+        seeds = sorted({r["seed"] for r in members})
+        if len(seeds) < 2:
+            continue
+        suites = {}
+        for s in config["evaluation"]["suites"]:
+            suites[s] = {
+                "mean": _spread([r[f"{s}/mean"] for r in members if r.get(f"{s}/mean") is not None]),
+                "gain": _spread([r[f"{s}/gain_vs_{base_m}_pct"] for r in members
+                                 if r.get(f"{s}/gain_vs_{base_m}_pct") is not None]),
+            }
+        out.append({"method": method, "variant": variant, "dataset": dataset, "model": model, "batch": batch,
+                    "seeds": seeds, "runs": [r["run"] for r in members], "suites": suites})
+    return out
+
+
+def _pm(stats: Mapping[str, Any], sign: str = "") -> str:
+    if not stats["n"]:
+        return "–"
+    mean = f"{stats['mean']:{sign}.2f}"
+    return mean if stats["std"] is None else f"{mean} ± {stats['std']:.2f}"
+
+
+def _seed_spread_markdown(config: Mapping[str, Any], spread: list[dict], rows: list[dict]) -> list[str]:
+    if not spread:
+        if len(rows) < 2:
+            return []
+        return ["Each setting ran with one seed, so the seed-to-seed spread is not known from this report; "
+                "a difference smaller than that spread is noise. Add seeds (`sweep.seed`, or runs that "
+                "differ only in `seed`) to see it here.", ""]
+    base_m = config["report"]["baseline_method"]
+    lines = ["## Seed-to-seed spread", "",
+             "Settings run with several seeds: the suite mean over seeds (mean ± sample std, and the range) "
+             f"and the gain vs `{base_m}` at equal seed. A difference between methods smaller than these "
+             "spreads is within seed noise; a same-seed rerun on CPU repeats bit for bit, so seeds are the "
+             "noise that matters.", ""]
+    header = ["method", "variant", "batch", "seeds"]
+    for s in config["evaluation"]["suites"]:
+        header += [f"{s} mean", "range", f"gain vs {base_m} (%)"]
+    body = []
+    for entry in spread:
+        cells = [entry["method"], entry["variant"], str(entry["batch"]), ", ".join(map(str, entry["seeds"]))]
+        for s in config["evaluation"]["suites"]:
+            mean, gain = entry["suites"][s]["mean"], entry["suites"][s]["gain"]
+            rng = "–" if not mean["n"] else f"{mean['min']:.2f} – {mean['max']:.2f}"
+            cells += [_pm(mean), rng, _pm(gain, "+")]
+        body.append(cells)
+    return lines + _md_table(header, body) + [""]
 
 
 # --------------------------------------------------------------------------- plots

@@ -21,17 +21,28 @@ def beta_for_epoch(epoch: int, beta_max: float, beta_epochs: int) -> float:
     return float(beta_max - 0.5 * beta_max * (1.0 + math.cos(math.pi * epoch / beta_epochs)))
 
 
-def epoch_schedule(values: Sequence[float] | float, total_epochs: int) -> list[float]:
-    """One value per epoch from n values over n equal epoch segments (the authors' ``create_epoch_schedule``).
+def epoch_schedule(values: Sequence[float] | float, total_epochs: int,
+                   lengths: Sequence[int] | None = None) -> list[float]:
+    """One value per epoch from n values over n epoch segments.
 
-    Segments have ``total_epochs // n`` epochs; the last value also covers the remainder. So
-    ``[8.5, -8.5, -8.5]`` over 33 epochs is +8.5 for epochs 0-10 and -8.5 for 11-32 (notes 1.8.4).
+    Without ``lengths`` the segments are equal, as the authors' ``create_epoch_schedule`` makes them:
+    ``total_epochs // n`` epochs each, the last value also covering the remainder. So
+    ``[8.5, -8.5, -8.5]`` over 33 epochs is +8.5 for epochs 0-10 and -8.5 for 11-32
+    (docs/variants.md). ``lengths`` gives each segment's epochs explicitly (summing to
+    ``total_epochs``): the paper's "-8.0 for the last quarter" of 30 epochs is ``[6.5, -8.0]`` with
+    ``[23, 7]``, which equal segments cannot express (``[6.5, 6.5, 6.5, -8.0]`` gives 9 epochs).
     """
     if isinstance(values, (int, float)):
         return [float(values)] * total_epochs
     values = list(values)
     if not values:
         raise ValueError("an epoch schedule needs at least one value")
+    if lengths is not None:
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != len(values) or sum(lengths) != total_epochs or min(lengths) < 1:
+            raise ValueError(f"segment lengths {lengths} must be {len(values)} positive counts summing to "
+                             f"{total_epochs}")
+        return [float(v) for v, n in zip(values, lengths) for _ in range(n)]
     part = total_epochs // len(values)
     schedule: list[float] = []
     for i, value in enumerate(values):
@@ -40,9 +51,10 @@ def epoch_schedule(values: Sequence[float] | float, total_epochs: int) -> list[f
     return schedule
 
 
-def rho_for_epoch(epoch: int, rho: Sequence[float], total_epochs: int) -> float:
-    """rho of ``loss / sg(s) + rho / s`` in ``epoch`` (notes 1.5.6); past the last epoch, the last value."""
-    schedule = epoch_schedule(rho, max(total_epochs, 1))
+def rho_for_epoch(epoch: int, rho: Sequence[float], total_epochs: int,
+                  lengths: Sequence[int] | None = None) -> float:
+    """rho of ``loss / sg(s) + rho / s`` in ``epoch`` (paper App. C); past the last epoch, the last value."""
+    schedule = epoch_schedule(rho, max(total_epochs, 1), lengths)
     return schedule[min(epoch, len(schedule) - 1)]
 
 

@@ -28,7 +28,7 @@ from amorlip.objectives.amorlip import (
     weighted_logits,
 )
 from amorlip.objectives.clip import as_fp32_scale, clip_loss
-from amorlip.objectives.distributed import gather_no_grad
+from amorlip.objectives.distributed import gather_no_grad, world_size
 from amorlip.objectives.siglip import siglip_loss
 from amorlip.objectives.temperature import clamp_logit_scale_, rescale_loss
 from amorlip.schedules import beta_for_epoch, is_ema_step, is_lambda_step, is_reinit_epoch, rho_for_epoch
@@ -87,6 +87,10 @@ class _Task:
     def lambda_nets_state(self) -> dict | None:
         return None
 
+    def replica_checksum(self) -> str | None:
+        """A digest of the state every rank must hold identically (the lambda nets), or None."""
+        return None
+
 
 class ClipTask(_Task):
     """CLIP: ``clip_loss`` over global negatives, no loss rescaling."""
@@ -96,7 +100,7 @@ class ClipTask(_Task):
     def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
         out = self._features(images, texts)
         loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], group=self.group)
-        return {"loss": loss, "clip_loss": float(loss.detach()), "logit_scale": float(out["logit_scale"].detach())}
+        return {"loss": loss, "clip_loss": loss.detach(), "logit_scale": _scalar(out["logit_scale"])}
 
 
 class SiglipTask(_Task):
@@ -110,8 +114,8 @@ class SiglipTask(_Task):
             raise KeyError("SigLIP needs a model with a logit bias (create_model(..., siglip_init_bias=b))")
         loss = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"],
                            out["logit_bias"], group=self.group)
-        return {"loss": loss, "siglip_loss": float(loss.detach()), "logit_scale": float(out["logit_scale"].detach()),
-                "logit_bias": float(out["logit_bias"].detach())}
+        return {"loss": loss, "siglip_loss": loss.detach(), "logit_scale": _scalar(out["logit_scale"]),
+                "logit_bias": _scalar(out["logit_bias"])}
 
 
 class AmorlipTask(_Task):
@@ -132,12 +136,12 @@ class AmorlipTask(_Task):
             raise ValueError(f"unknown encoder_partition {am.encoder_partition!r}")
         self.config = am
         self.lambdas = LambdaState(
-            embed_dim, hidden_factor=am.lambda_hidden_factor, lr=am.lambda_lr, ema_alpha=am.ema_alpha,
-            grad_clip=am.lambda_grad_clip, seed=run.seed, device=device, group=group,
+            embed_dim, hidden_factor=am.lambda_hidden_factor, lr=lambda_adam_lr(am, group),
+            ema_alpha=am.ema_alpha, grad_clip=am.lambda_grad_clip, seed=run.seed, device=device, group=group,
         )
         self.beta = 0.0
-        self.rho = rho_for_epoch(0, am.rho, run.epochs)
-        self.last_lambda_loss = math.nan
+        self.rho = rho_for_epoch(0, am.rho, run.epochs, am.rho_epochs)
+        self.last_lambda_loss = torch.tensor(math.nan, device=device)
 
     def start_epoch(self, epoch: int, steps_per_epoch: int) -> None:
         """Set beta and rho of ``epoch`` and apply the lambda life cycle once per epoch.
@@ -148,7 +152,7 @@ class AmorlipTask(_Task):
         super().start_epoch(epoch, steps_per_epoch)
         am = self.config
         self.beta = beta_for_epoch(epoch, am.beta_max, am.beta_epochs)
-        self.rho = rho_for_epoch(epoch, am.rho, self.run.epochs)
+        self.rho = rho_for_epoch(epoch, am.rho, self.run.epochs, am.rho_epochs)
         if self.lambdas.lifecycle_epoch != epoch:
             self.lambdas.start_epoch(epoch, reinit=is_reinit_epoch(epoch, am.reinit_every_epochs))
         log.info("epoch %d: beta %.4f, rho %.3f", epoch, self.beta, self.rho)
@@ -200,20 +204,21 @@ class AmorlipTask(_Task):
         enc = encoder_loss(img, txt, scale, lambda_img, lambda_txt, pos_coef=p, group=self.group)
         loss = rescale_loss(enc, scale, self.rho) if am.scale_loss else enc
 
-        target_mean = 0.5 * float(log_z_img.mean() + log_z_txt.mean())
+        # Diagnostics stay detached device tensors: the trainer reads them on logging steps only.
+        target_mean = 0.5 * (log_z_img.mean() + log_z_txt.mean())
         # lambda_gap: the EMA net against what it regresses on; ~ -log Z right after each re-init.
         # lambda_gap_prev: last epoch's net (the one mixed into this epoch's targets) against the fresh
         # in-batch sums; small unless the lambda nets diverge, so it is the one to watch after epoch 0.
-        gap = 0.5 * float((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
-        gap_prev = 0.5 * float((prev_img.mean() - log_t_img.mean()) + (prev_txt.mean() - log_t_txt.mean()))
+        gap = 0.5 * ((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
+        gap_prev = 0.5 * ((prev_img.mean() - log_t_img.mean()) + (prev_txt.mean() - log_t_txt.mean()))
         return {
             "loss": loss,
-            "encoder_loss": float(enc.detach()),
+            "encoder_loss": enc.detach(),
             "lambda_loss": self.last_lambda_loss,
             "lambda_gap": gap,
             "lambda_gap_prev": gap_prev,
             "log_target_mean": target_mean,
-            "logit_scale": float(s_bar),
+            "logit_scale": s_bar,
             "beta": self.beta,
             "rho": self.rho,
             "lambda_updates": updates,
@@ -224,10 +229,32 @@ class AmorlipTask(_Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.lambdas.load_state_dict(state["lambdas"])
-        self.last_lambda_loss = float(state["last_lambda_loss"])
+        self.last_lambda_loss = torch.tensor(float(state["last_lambda_loss"]), device=self.lambdas.device)
 
     def lambda_nets_state(self) -> dict:
         return self.lambdas.ema_state()
+
+    def replica_checksum(self) -> str | None:
+        return self.lambdas.checksum()
+
+
+def lambda_adam_lr(am, group=None) -> float:
+    """The lambda nets' Adam lr: ``lambda_lr``, times the world size under ``lambda_lr_scaling: world_size``.
+
+    ``batch_size`` here is the global batch, so W ranks compute exactly the 1-rank gradient (their
+    all-reduced mean) and ``none`` keeps a run's math independent of how many GPUs it uses. The
+    authors multiply by W because their batch is per GPU (W GPUs = a W times larger batch, the linear
+    scaling rule); ``world_size`` reproduces their code's lr for a command ported with its per-GPU batch.
+    """
+    scale = world_size(group) if am.lambda_lr_scaling == "world_size" else 1
+    return am.lambda_lr * scale
+
+
+def _scalar(value) -> torch.Tensor | float:
+    """A detached fp32 scalar tensor (or the float given): what a step reports without a host read."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(-1)[0]
+    return float(value)
 
 
 def build_task(run: RunConfig, model: nn.Module, embed_dim: int, device: torch.device | str,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One self-contained GPU benchmark (issue 7, item 5): bf16 ViT-B-32 steps/s for our CLIP and AmorLIP
-# steps (T_online 1 and 8) and open_clip's ClipLoss at batch 1024 and 2048, synthetic data, peak
-# memory, FLOPs and the measured bf16 matmul rate. One GPU, no internet, a few minutes on an H200
-# (capped at 9.5 minutes). Needs python with torch, open_clip_torch, jsonschema and PyYAML, and this
-# repo (no DeepSpeed, MLflow or data).
+# One self-contained GPU benchmark: the trainer's step (bf16 autocast on the towers only, as in
+# training) on ViT-B-32 for our CLIP and AmorLIP steps (T_online 1 and 8) and open_clip's ClipLoss
+# at batch 1024 and 2048, synthetic data: steps/s, peak memory, FLOPs, MFU against the GPU's
+# datasheet bf16 peak and the share of a measured bf16 matmul rate. One GPU, no internet, a few
+# minutes on an H200 (capped at 9.5 minutes). Needs python with torch, open_clip_torch, jsonschema
+# and PyYAML, and this repo (no DeepSpeed, MLflow or data).
 #
 #   bash benchmarks/gpu.sh                 # writes $OUT/gpu.json when OUT is set, else benchmarks/results/gpu.json
 #   bash benchmarks/gpu.sh --tiny          # the same code on CPU in seconds (smoke test)

@@ -68,12 +68,10 @@ def build_trainer(config: dict, run_name: str, work: Path):
     from amorlip.train.run import _build
 
     run = get_run(config, run_name)
-    info = dist_utils.init_distributed()
-    device = dist_utils.device_for(info)
-    engine, task, loader = _build(config, run, info, device, run.local_batch_size)
+    world = dist_utils.make_world(run.batch_size, run.world_size, what=f"run {run_name!r}")
+    engine, task, loader = _build(config, run, world)
     trainer = Trainer(run=run, engine=engine, task=task, loader=loader, run_dir=work / "runs" / run_name,
-                      world_size=info.world_size, global_batch=run.batch_size, tracker=None,
-                      stop=StopSignal(), master=True)
+                      world=world, tracker=None, stop=StopSignal())
     # steady state: epoch 1 (beta > 0, previous-epoch net in use), as every epoch after the first
     trainer.pos.epoch = 1
     task.start_epoch(1, trainer.steps_per_epoch)

@@ -2,8 +2,9 @@
 
 ``make_shards(folder, n_shards, per_shard)`` writes ``00000.tar ...`` (members ``<key>.jpg``,
 ``<key>.txt``, ``<key>.json``, grouped by key as img2dataset writes them), ``NNNNN_stats.json``,
-``NNNNN.parquet`` and ``sizes.json`` into ``folder``, and returns the keys a correct loader must yield
-(every written sample minus the corrupt ones). Keys follow img2dataset: 5-digit shard + 4-digit index.
+``NNNNN.parquet``, ``sizes.json`` and the download's ``download.plan`` into ``folder``, and returns
+the keys a correct loader must yield (every written sample minus the corrupt ones). Keys follow
+img2dataset: 5-digit shard + 4-digit index.
 
 ``corrupt`` maps a kind to the shard it damages (one sample per kind, or the tar's tail):
 ``garbage_image`` (HTML bytes as .jpg), ``truncated_image`` (a JPEG cut in half), ``empty_caption``,
@@ -101,6 +102,9 @@ def make_shards(folder: str | Path, n_shards: int, per_shard: int, image_size: i
         _write_parquet(folder / f"{shard:05d}.parquet", rows)
         sizes[tar_path.name] = images
     (folder / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    # what `amorlip download` writes beside its shards; the index checks every url is accounted for
+    (folder / "download.plan").write_text(json.dumps({"urls": n_shards * per_shard, "samples_per_shard": per_shard,
+                                                      "shards": n_shards, "url_digest": None}))
     return good
 
 

@@ -56,6 +56,63 @@ def test_gpu_step_tiny_runs_on_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu_tiny.json").read_text())["model"] == "amorlip-tiny"
 
 
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "GH200"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"),
+])
+def test_gpu_step_datasheet_peak_lookup(name, key):
+    from benchmarks import gpu_step
+
+    assert gpu_step.datasheet_peak(name) == (key, gpu_step.DATASHEET_BF16_DENSE_TFLOPS[key])
+
+
+def test_gpu_step_datasheet_peaks_and_mfu_arithmetic():
+    from benchmarks import gpu_step
+
+    table = gpu_step.DATASHEET_BF16_DENSE_TFLOPS
+    assert (table["H100 SXM"], table["H100 PCIe"], table["H200"], table["A100"]) == (989.4, 756.0, 989.4, 312.0)
+    assert gpu_step.datasheet_peak("NVIDIA GeForce RTX 4090") is None
+    assert gpu_step.datasheet_peak("Tesla V100-SXM2-16GB") is None
+    # 3.957 TFLOP per step in 10 ms = 395.7 TFLOP/s: 40 % of an H100 SXM's 989.4
+    assert gpu_step.mfu(3.9576e12, 0.010, 989.4) == pytest.approx(0.40)
+    assert gpu_step.mfu(1e12, 0.01, None) is None
+
+
+def test_gpu_step_autocasts_the_towers_only():
+    """The benchmark's bf16 scope is training's: tower layers in bf16, lambda nets and loss in fp32."""
+    import torch
+
+    from amorlip.models import create_model, model_config
+    from amorlip.tasks import build_task
+    from benchmarks import gpu_step
+
+    torch.manual_seed(0)
+    model, _, _ = create_model("amorlip-tiny", init_logit_scale=1 / 0.07)
+    cfg = model_config("amorlip-tiny")
+    task = build_task(gpu_step.run_config("amorlip", 8, 1), model, cfg["embed_dim"], "cpu")
+    task.model = gpu_step.AutocastTowers(model, "cpu", torch.bfloat16)
+    task.start_epoch(1, 100)
+    tower_modules = set(model.modules())
+    seen: dict[bool, set] = {True: set(), False: set()}
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            seen[module in tower_modules].add(output.dtype)
+
+    size = cfg["vision_cfg"]["image_size"]
+    images = torch.randn(8, 3, size, size)
+    texts = torch.randint(1, cfg["text_cfg"]["vocab_size"], (8, cfg["text_cfg"]["context_length"]))
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        out = task.training_forward(images, texts, 0)
+    finally:
+        handle.remove()
+    assert seen[True] == {torch.bfloat16}, seen      # the towers
+    assert seen[False] == {torch.float32}, seen      # the lambda nets
+    assert out["loss"].dtype == torch.float32
+
+
 def _suite_result(run: str, mean_main: float) -> dict:
     return {"run": run, "suite": "emoji-heldout", "tasks": {"category": {"main": 2 * mean_main},
                                                             "retrieval": {"main": 0.0}},

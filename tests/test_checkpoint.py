@@ -5,8 +5,13 @@ The DeepSpeed save/load itself is exercised end to end by tests/test_train.py (k
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,14 +103,50 @@ def test_lr_schedule_per_group():
     assert {g["name"]: g["lr"] for g in opt.param_groups}[GROUP_LOGIT] == 1e-4
 
 
+def _world(world_size: int, global_batch: int):
+    from amorlip.distributed import WorldInfo
+
+    return WorldInfo(rank=0, local_rank=0, world_size=world_size, group=None, device=torch.device("cpu"),
+                     global_batch=global_batch, local_batch=global_batch // world_size)
+
+
 def test_deepspeed_config_is_fp32_on_cpu():
     run = _run(batch_size=64, nproc=2, zero_stage=2, precision="bf16", grad_clip=1.0)
-    cpu = deepspeed_config(run, world_size=2, cuda=False)
+    cpu = deepspeed_config(run, _world(2, 64), cuda=False)
     assert cpu["train_micro_batch_size_per_gpu"] == 32 and cpu["train_batch_size"] == 64
-    assert cpu["zero_optimization"] == {"stage": 2} and cpu["gradient_clipping"] == 1.0
+    assert cpu["zero_optimization"]["stage"] == 2 and cpu["gradient_clipping"] == 1.0
     assert "torch_autocast" not in cpu and "optimizer" not in cpu and "bf16" not in cpu
-    gpu = deepspeed_config(run, world_size=2, cuda=True)
-    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    gpu = deepspeed_config(run, _world(2, 64), cuda=True)
+    # bf16 towers, but the gradient all-reduce stays fp32 (no module is "lower-precision safe")
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
+def test_zero_overlaps_gradient_exchange_in_buckets_smaller_than_the_model():
+    run = _run(batch_size=64, zero_stage=2, zero_bucket_size=1000)
+    gpu = deepspeed_config(run, _world(1, 64), cuda=True)["zero_optimization"]
+    assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
+    assert gpu["reduce_bucket_size"] == gpu["allgather_bucket_size"] == 1000
+    # overlap_comm needs CUDA streams: off on CPU, the buckets stay
+    cpu = deepspeed_config(run, _world(1, 64), cuda=False)["zero_optimization"]
+    assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] == 1000
+    z3 = deepspeed_config(_run(zero_stage=3, zero_bucket_size=1000), _world(1, 64), cuda=True)["zero_optimization"]
+    assert z3["stage3_prefetch_bucket_size"] == 1000 and "allgather_bucket_size" not in z3
+    assert deepspeed_config(_run(zero_stage=0), _world(1, 64), cuda=True)["zero_optimization"] == {"stage": 0}
+
+
+def test_temperature_lr_drops_by_the_ratio_below_the_threshold():
+    from amorlip.train.engine import set_logit_scale_lr_by_threshold
+
+    run = _run(lr=1e-3, lr_logit_scale=1e-4, lr_logit_scale_thresh=0.03)
+    model, _, _ = create_model("amorlip-tiny")
+    opt = torch.optim.AdamW(param_groups(model, run))
+    set_lr(opt, run, 10, 100)
+    assert set_logit_scale_lr_by_threshold(opt, run, 14.3) == pytest.approx(1e-4)  # 1/s = 0.07 > 0.03
+    set_lr(opt, run, 11, 100)
+    assert set_logit_scale_lr_by_threshold(opt, run, 40.0) == pytest.approx(1e-4 / 3)  # 1/s = 0.025
+    set_lr(opt, run, 12, 100)  # recomputed every step from the current s (not a one-way latch)
+    assert set_logit_scale_lr_by_threshold(opt, run, 20.0) == pytest.approx(1e-4)
+    assert set_logit_scale_lr_by_threshold(opt, _run(), 40.0) is None  # off by default
 
 
 def test_nonfinite_terms_names_the_bad_loss():
@@ -120,3 +161,94 @@ def test_metrics_file_is_cut_back_on_resume(tmp_path):
         metrics.append({"step": step, "loss": 1.0 / step})
     assert metrics.truncate_after(5) == 5
     assert [r["step"] for r in metrics.read()] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- file digests in the marker
+
+# A real DeepSpeed ZeRO-1 save and resume of a tiny module, in a child process (the process group and
+# DeepSpeed's globals stay out of the test process). After a clean resume, the optimizer shard (which
+# DeepSpeed unpickles with weights_only=False) is replaced by a pickle that creates a folder when
+# loaded: the resume must refuse it, naming the file, before anything unpickles it.
+_SAVE_TAMPER_RESUME = """
+import json, os, pickle, sys
+from pathlib import Path
+import torch
+from amorlip.distributed import init_distributed
+from amorlip.train import checkpoint as ckpt
+init_distributed()
+import deepspeed
+
+class Evil:
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1), config={
+    "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+engine.backward(engine(torch.ones(1, 4)).sum())
+engine.step()
+root = Path(sys.argv[1])
+tag = ckpt.save_checkpoint(engine, root, 1, {"position": 7}, keep=2)
+result = {"tag": tag, "resumed": ckpt.load_checkpoint(engine, root, tag)["position"]}
+optim = next((root / tag).glob("*optim_states.pt"))
+result["optim"] = optim.name
+optim.write_bytes(pickle.dumps(Evil()))
+try:
+    ckpt.load_checkpoint(engine, root, tag)
+    result["error"] = None
+except ckpt.CheckpointIntegrityError as exc:
+    result["error"] = str(exc)
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def tampered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt-digests")
+    pwned = root / "unpickled-code-ran"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, "-c", _SAVE_TAMPER_RESUME, str(root / "checkpoints"), str(pwned)],
+                          env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"root": root / "checkpoints", "pwned": pwned, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def test_resume_refuses_a_replaced_deepspeed_file_before_unpickling_it(tampered):
+    assert tampered["resumed"] == 7, "an untouched checkpoint resumes"
+    assert not tampered["pwned"].exists(), "the replaced optimizer file was unpickled"
+    error = tampered["error"]
+    assert error is not None, "the replaced optimizer file was accepted"
+    assert tampered["optim"] in error and "changed after the checkpoint was saved" in error
+    assert "previous complete checkpoint" in error  # the fix
+
+
+def test_files_added_removed_or_unrecorded_are_refused_by_name(tampered, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tampered["root"], root)
+    tag_dir = root / tampered["tag"]
+    tag = tag_dir.name
+    marker = json.loads((tag_dir / ckpt.COMPLETE_MARKER).read_text())
+    assert set(marker["files"]) == {p.name for p in tag_dir.iterdir()} - {ckpt.COMPLETE_MARKER}
+    # drop the replaced shard from the tag and its marker: what is left verifies
+    del marker["files"][tampered["optim"]]
+    (tag_dir / tampered["optim"]).unlink()
+    (tag_dir / ckpt.COMPLETE_MARKER).write_text(json.dumps(marker))
+    ckpt.verify_checkpoint(root, tag)
+
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    with pytest.raises(ckpt.CheckpointIntegrityError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt was not written"):
+        ckpt.verify_checkpoint(root, tag)
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+
+    (tag_dir / "rng-rank0.pt").unlink()
+    with pytest.raises(ckpt.CheckpointIntegrityError, match="rng-rank0.pt is missing"):
+        ckpt.verify_checkpoint(root, tag)
+
+    (tag_dir / ckpt.COMPLETE_MARKER).write_text(json.dumps({"step": 1, "world_size": 1}))
+    with pytest.raises(ckpt.CheckpointIntegrityError, match="records no file digests"):
+        ckpt.verify_checkpoint(root, tag)

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-from amorlip.distributed import expand_nodelist, world_info_from_env
+from amorlip.distributed import expand_nodelist, read_launch_env
 
 
 def test_torchrun_variables():
-    info = world_info_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+    info = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                 "MASTER_ADDR": "node7", "MASTER_PORT": "29511",
                                 "SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
     assert (info.rank, info.local_rank, info.world_size) == (3, 1, 8)
@@ -18,20 +18,28 @@ def test_torchrun_variables():
 
 
 def test_slurm_variables_map_to_ranks():
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "gpu[08-10,12],login", "SLURM_JOB_ID": "123456"}
-    info = world_info_from_env(env)
+    info = read_launch_env(env)
     assert (info.rank, info.local_rank, info.world_size, info.source) == (5, 1, 8, "slurm")
     assert info.master_addr == "gpu08"  # same answer from scontrol and from our expansion
-    assert 15000 <= info.master_port < 35000
+    assert 20000 <= info.master_port < 32768  # below Linux's ephemeral range
     # the port is a function of the job id: every rank of one job agrees on it
-    assert world_info_from_env(dict(env, SLURM_PROCID="0")).master_port == info.master_port
-    assert world_info_from_env(dict(env, MASTER_PORT="2222")).master_port == 2222
+    assert read_launch_env(dict(env, SLURM_PROCID="0")).master_port == info.master_port
+    assert read_launch_env(dict(env, MASTER_PORT="2222")).master_port == 2222
+
+
+def test_a_batch_script_of_a_multi_task_allocation_is_one_process_not_rank_0():
+    # `sbatch -n 8 script`: the script sees SLURM_PROCID=0 and SLURM_NTASKS=8 but is no srun task
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}
+    assert read_launch_env(env).source == "single"
+    assert read_launch_env(dict(env, SLURM_STEP_ID="batch")).source == "single"
+    assert read_launch_env(dict(env, SLURM_STEP_ID="3")).source == "slurm"
 
 
 def test_single_task_slurm_and_plain_process_are_single():
-    assert world_info_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
-    info = world_info_from_env({})
+    assert read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
+    info = read_launch_env({})
     assert (info.rank, info.local_rank, info.world_size, info.source) == (0, 0, 1, "single")
 
 

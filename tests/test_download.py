@@ -168,6 +168,40 @@ def test_index_refuses_stats_that_disagree_with_the_tars(config, downloaded, tmp
         write_index(config, "tiny", shards_dir=copy)
 
 
+def test_index_checks_the_shards_against_the_url_list(config, source, downloaded, tmp_path):
+    """download.plan holds the list's url count: a lost shard, a stats file that drops urls, or no plan
+    at all stops the index, and a download into a folder another list started stops before fetching."""
+    out, _ = downloaded
+
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for p in out.iterdir():
+            if p.is_file():
+                (folder / p.name).write_bytes(p.read_bytes())
+        return folder
+
+    lost = copy("lost")
+    for name in ("00002.tar", "00002_stats.json", "00002.parquet"):
+        (lost / name).unlink()  # the last shard: nothing else in the folder shows it is missing
+    with pytest.raises(ValueError, match=r"lacks 1 of its 3 shards \(00002\): 3 of the 23 urls"):
+        write_index(config, "tiny", shards_dir=lost)
+    short = copy("short")
+    stats = json.loads((short / "00001_stats.json").read_text())
+    stats["count"] -= 1
+    (short / "00001_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="account for 22 urls but the list has 23"):
+        write_index(config, "tiny", shards_dir=short)
+    unplanned = copy("unplanned")
+    (unplanned / "download.plan").unlink()
+    with pytest.raises(ValueError, match="has no download.plan"):
+        write_index(config, "tiny", shards_dir=unplanned)
+    other = pd.read_parquet(source).iloc[:-1]
+    other.to_parquet(tmp_path / "other.parquet", index=False)
+    with pytest.raises(ValueError, match="holds shards of another url list"):
+        download(config, "tiny", urls=tmp_path / "other.parquet", out_dir=copy("resumed"))
+
+
 def test_loopback_server_serves_its_root_only_on_loopback(tmp_path):
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)

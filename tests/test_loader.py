@@ -194,3 +194,14 @@ def test_resume_replays_without_decoding(shards):
     loader = _loader(folder, preprocess=counting_preprocess)
     tail = list(loader.epoch(0, start_step=10))
     assert len(tail) == 6 and len(calls) == 6 * 4  # only the yielded batches were decoded
+
+
+def test_a_batch_larger_than_the_dataset_is_refused(shards):
+    """It used to give one step whose batch repeated samples (an image against its own copy)."""
+    folder, keys = shards
+    assert len(keys) == 64
+    with pytest.raises(ValueError, match="holds 64 samples, fewer than one global batch of 66") as info:
+        _loader(folder, local_batch_size=33, rank=1, world_size=2)
+    assert "batch_size to at most 64" in str(info.value)
+    batch = next(iter(_loader(folder, local_batch_size=64).epoch(0)))  # exactly the dataset: each once
+    assert len(batch["keys"]) == len(set(batch["keys"])) == 64

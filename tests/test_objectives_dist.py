@@ -115,10 +115,10 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     for kind in ("kl", "js"):
         for side in range(2):
             close(sum(r[kind][side] for r in ranks) / WORLD, single[kind][side])
-    # each rank's Adam runs at lambda_lr x W (notes 1.5.3); compare with one process at the same lr
+    # lambda_lr_scaling none: each rank runs Adam at lambda_lr, so the 2 ranks equal one process at that lr
     data = make_data()
     t_img, t_txt = single["targets"]
-    reference = LambdaState(DIM, lr=1e-2 * WORLD, seed=5)
+    reference = LambdaState(DIM, lr=1e-2, seed=5)
     reference.start_epoch(0)
     reference.fit(data["img"], data["txt"], lambda li, lt: lambda_loss(li, t_img) + lambda_loss(lt, t_txt), 3)
     for p0, p1, pref in zip(ranks[0]["lambda_params"], ranks[1]["lambda_params"], reference.online.parameters()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,22 @@ def test_cosine_lr_warmup_then_cosine_to_zero():
     assert cosine_lr(0, base, 0, 100) == pytest.approx(base)
     values = [cosine_lr(k, base, warmup, total) for k in range(warmup, total)]
     assert values == sorted(values, reverse=True)
+
+
+def test_explicit_rho_segments_put_the_annealing_in_the_last_quarter():
+    from amorlip.config import ConfigError, get_run, load_config
+
+    # equal segments cannot say "the last quarter of 30 epochs": [6.5]*3 + [-8.0] gives 9 epochs
+    assert epoch_schedule([6.5, 6.5, 6.5, -8.0], 30).count(-8.0) == 9
+    schedule = epoch_schedule([6.5, -8.0], 30, [23, 7])
+    assert schedule[:23] == [6.5] * 23 and schedule[23:] == [-8.0] * 7
+    # the shipped medium-scale config: every annealed epoch lies in the last quarter (epoch >= 22.5)
+    config_file = Path(__file__).resolve().parents[1] / "config" / "cc3m-rn50.yaml"
+    run = get_run(load_config(config_file, check_paths=False), "amorlip")
+    annealed = [e for e in range(run.epochs)
+                if rho_for_epoch(e, run.amorlip.rho, run.epochs, run.amorlip.rho_epochs) < 0]
+    assert annealed == list(range(23, 30)) and len(annealed) / run.epochs <= 0.25
+    assert run.lr_logit_scale_thresh == 0.03  # the authors' temperature-lr threshold rule
+    with pytest.raises(ConfigError, match=r"amorlip.rho_epochs.*summing to epochs \(30\)"):
+        load_config({"datasets": {"d": {"source": "emoji"}}, "defaults": {"dataset": "d", "epochs": 30},
+                     "runs": {"r": {"amorlip": {"rho": [6.5, -8.0], "rho_epochs": [20, 7]}}}}, check_paths=False)

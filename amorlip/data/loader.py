@@ -6,10 +6,11 @@ Public API::
                          local_batch_size=B, rank=r, world_size=n, workers=w, seed=s,
                          preprocess=preprocess_train,      # PIL.Image -> FloatTensor[3, H, W]
                          tokenizer=tokenizer,              # list[str] -> LongTensor[B, ctx]
-                         samples_per_epoch=None)           # None: sum(sizes)
+                         samples_per_epoch=None,           # None: sum(sizes)
+                         device_transform=None)            # applied by the trainer on the device
     loader.steps_per_epoch == len(loader)  # samples_per_epoch // (B * n), at least 1; equal on all ranks
     for batch in loader.epoch(e, start_step=k):            # exactly steps_per_epoch - k batches
-        batch["images"]   # FloatTensor[B, 3, H, W]
+        batch["images"]   # Tensor[B, 3, H, W]: what preprocess gives (uint8 in training, see data/pixels.py)
         batch["texts"]    # LongTensor[B, ctx]
         batch["keys"]     # list[str]: the img2dataset keys of the B samples
         batch["skipped"]  # int: corrupt samples dropped while this batch was assembled
@@ -37,10 +38,12 @@ Why it is built this way:
   decode is only found after the skip point, so its place in the batch is filled with another sample
   of the same batch (the batch size stays B on every rank, as the all-gather needs). Each is counted
   in ``skipped``; each kind of damage is logged once per shard and process (with workers: once per
-  epoch and worker, since workers are forked per epoch).
+  worker).
 - **Workers.** With ``workers > 0`` a torch ``DataLoader`` runs one slot per worker, each producing
   whole batches (decode, transform, tokenize in the worker); the main process puts them back in step
-  order. ``workers == 0`` runs in-process.
+  order. The workers persist across epochs (each epoch's position reaches them through shared
+  memory), and in training they ship uint8 pixels that the trainer normalises on the device
+  (``device_transform``). ``workers == 0`` runs in-process.
 - **Plain tarfile, not webdataset's pipeline stages.** Replaying a resumed epoch without decoding
   and draining the shuffle buffer at each pass boundary need control over where decoding happens;
   the members are grouped by key exactly as webdataset's ``tarfile_to_samples`` groups them.
@@ -56,6 +59,7 @@ import logging
 import random
 import signal
 import tarfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -199,6 +203,7 @@ class TrainLoader:
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = SHUFFLE_BUFFER,
         pin_memory: bool = False,
+        device_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if local_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
             raise ValueError(f"bad loader geometry: local_batch_size={local_batch_size}, rank={rank}, "
@@ -214,6 +219,13 @@ class TrainLoader:
             raise FileNotFoundError(f"{len(absent)} shard(s) listed in sizes.json are missing, "
                                     f"e.g. {absent[0]}")
         self.total_samples = sum(self.sizes.values())
+        if self.total_samples < local_batch_size * world_size:
+            # the streams run pass after pass, so such a batch would hold the same pair more than once
+            # (a contrastive loss then treats an image's own copy as a negative): refuse it
+            raise ValueError(
+                f"{self.shard_dir} holds {self.total_samples} samples, fewer than one global batch of "
+                f"{local_batch_size * world_size}: every batch would repeat samples. Lower batch_size to at "
+                f"most {self.total_samples}, or add data")
         self.local_batch_size = local_batch_size
         self.rank = rank
         self.world_size = world_size
@@ -223,6 +235,10 @@ class TrainLoader:
         self.tokenizer = tokenizer
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.pin_memory = pin_memory
+        # applied by the trainer to each batch once it is on the device (uint8 -> normalised fp32)
+        self.device_transform = device_transform
+        self._data_loader = None
+        self._dataset: _EpochDataset | None = None
         self.samples_per_epoch = samples_per_epoch or self.total_samples
         self.steps_per_epoch = max(1, self.samples_per_epoch // (local_batch_size * world_size))
         self.slots_per_rank = max(1, workers)
@@ -329,12 +345,20 @@ class TrainLoader:
         if self.workers == 0:
             yield from self._slot_batches(epoch, 0, start_step, in_process=True)
             return
-        dataset = _EpochDataset(self, epoch, start_step)
-        data_loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                                  pin_memory=self.pin_memory,
-                                                  worker_init_fn=_ignore_stop_signals)
+        if self._data_loader is None:
+            # built once: the workers persist across epochs (no fork of the whole process, and no
+            # re-import in every worker, at each epoch start); each epoch tells them where to start
+            # through shared memory before the DataLoader's next iteration starts them again
+            self._dataset = _EpochDataset(self)
+            self._data_loader = torch.utils.data.DataLoader(
+                self._dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                worker_init_fn=_ignore_stop_signals, persistent_workers=True)
+            # persistent workers outlive an epoch left early (a run that stops mid-epoch): shut them
+            # down explicitly when the loader goes away or the interpreter exits, or exit would hang
+            self._closer = weakref.finalize(self, _shutdown_workers, self._data_loader)
+        self._dataset.set_position(epoch, start_step)
         expected, pending = start_step, {}
-        for batch in data_loader:
+        for batch in self._data_loader:
             pending[batch["step"]] = batch
             while expected in pending:
                 yield pending.pop(expected)
@@ -342,6 +366,12 @@ class TrainLoader:
         if expected != self.steps_per_epoch or pending:
             raise RuntimeError(f"loader: epoch {epoch} rank {self.rank} ended at step {expected} of "
                                f"{self.steps_per_epoch} (pending {sorted(pending)})")
+
+
+def _shutdown_workers(data_loader) -> None:
+    iterator = getattr(data_loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -353,15 +383,27 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    """One epoch for the DataLoader: worker ``w`` computes the steps of slot ``(start_step + w) % V``,
-    so the DataLoader's round-robin over workers already delivers steps in order."""
+    """One epoch at a time for persistent DataLoader workers: worker ``w`` computes the steps of slot
+    ``(start_step + w) % V``, so the DataLoader's round-robin over workers delivers steps in order.
 
-    def __init__(self, loader: TrainLoader, epoch: int, start_step: int) -> None:
+    The position (epoch, start step) lives in shared memory: persistent workers keep the copy of this
+    object they started with, and read the position each time an iteration (an epoch) starts them.
+    """
+
+    def __init__(self, loader: TrainLoader) -> None:
         super().__init__()
-        self.loader, self.epoch, self.start_step = loader, epoch, start_step
+        import multiprocessing
+
+        self.loader = loader
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self._start_step = multiprocessing.Value("q", 0, lock=False)
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self._epoch.value, self._start_step.value = epoch, start_step
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        virtual_slot = (self.start_step + worker) % self.loader.slots_per_rank
-        return self.loader._slot_batches(self.epoch, virtual_slot, self.start_step, in_process=info is None)
+        epoch, start_step = int(self._epoch.value), int(self._start_step.value)
+        virtual_slot = (start_step + worker) % self.loader.slots_per_rank
+        return self.loader._slot_batches(epoch, virtual_slot, start_step, in_process=info is None)

@@ -217,9 +217,14 @@ def summary_line(results: Mapping[str, Any]) -> str:
 
 def evaluate(config: Mapping[str, Any], run: str, suite: str, out: str | os.PathLike) -> dict[str, Any]:
     """``amorlip evaluate``: load ``runs/{run}/model.pt``, evaluate ``suite``, write ``out``, log to MLflow."""
+    from amorlip.devices import enable_tf32, eval_device
     from amorlip.train.export import load_exported
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the job's own GPU, not any GPU the node shows (a CPU job on a GPU node must stay on the CPU)
+    device = eval_device(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.startswith("cuda"):
+        enable_tf32()
+    log.info("evaluating on %s%s", device, " (TF32 matmuls)" if device.startswith("cuda") else "")
     model_path = Path(config["paths"]["runs"]) / run / "model.pt"
     model, transform, tokenizer, meta = load_exported(model_path, device)
     return evaluate_loaded(config, run, suite, out, model, transform, tokenizer, meta=meta, device=device,

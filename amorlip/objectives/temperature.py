@@ -33,7 +33,7 @@ def clamp_logit_scale_(model: torch.nn.Module, max_scale: float) -> None:
     ``module.`` prefix). A ZeRO-3 partitioned parameter (one with ``ds_id``) is gathered first; rank
     0's clamped value is broadcast back when the context exits (call it on every rank). The fp32
     master copy that a DeepSpeed optimizer keeps apart from the module is not touched here: the
-    trainer clamps it (``amorlip.train.engine.clamp_master_logit_scale``).
+    trainer clamps every copy after each step (``amorlip.train.engine.clamp_logit_scale_after_step``).
     """
     upper = math.log(max_scale)
     for param in _logit_scale_params(model):

@@ -14,7 +14,10 @@ done. Resume only ever considers tags with a ``complete`` file and passes the ta
 Everything the trainer adds (step, data position, lambda nets, counters, run config) travels in
 DeepSpeed's ``client_state`` as plain types; DeepSpeed itself loads its files with
 ``weights_only=False`` (its optimizer state holds non-tensor objects), while our RNG files and the
-exported model load with ``weights_only=True``.
+exported model load with ``weights_only=True``. Unpickling runs code, so the marker also records the
+sha256 of every file of the tag, and a resume verifies them before DeepSpeed opens anything: it
+only ever unpickles files this trainer wrote (a file changed, added or removed afterwards stops the
+resume, naming it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from amorlip import distributed as dist_utils
+from amorlip.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,12 @@ COMPLETE_MARKER = "complete"
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact."""
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint's files are not the ones its marker recorded; nothing of it was loaded."""
+
+
 _TAG_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -134,8 +145,12 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         raise CheckpointWriteError(_write_failure(root, tag, previous, exc)) from exc
     dist_utils.barrier()
     if dist_utils.is_master():
+        try:
+            files = file_digests(tag_dir)
+        except OSError as exc:
+            raise CheckpointWriteError(_write_failure(root, tag, previous, exc)) from exc
         marker = {"step": step, "world_size": dist_utils.world_size(), "time": time.time(),
-                  "save_s": round(time.monotonic() - t0, 3)}
+                  "save_s": round(time.monotonic() - t0, 3), "files": files}
         tmp = tag_dir / f".{COMPLETE_MARKER}.tmp"
         try:
             with open(tmp, "w") as fh:
@@ -181,8 +196,11 @@ def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
 def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
     """Load ``tag`` into ``engine`` (module, ZeRO optimizer) on every rank; restore this rank's RNG.
 
-    Returns the client state. Raises if DeepSpeed cannot read the tag.
+    Returns the client state. Raises :class:`CheckpointIntegrityError` before DeepSpeed opens
+    anything if a file differs from what the marker recorded, and RuntimeError if DeepSpeed cannot
+    read the tag.
     """
+    verify_checkpoint(ckpt_dir, tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
     if path is None:
@@ -193,3 +211,70 @@ def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, 
     else:  # a different world size than at save time: ranks keep their fresh seeds
         log.warning("no RNG state for rank %d in %s; keeping this rank's seeded state", dist_utils.rank(), tag)
     return client_state
+
+
+def marker_world_size(ckpt_dir: str | os.PathLike, tag: str) -> int | None:
+    """The rank count recorded in ``tag``'s completion marker (read before DeepSpeed opens anything)."""
+    try:
+        value = json.loads((Path(ckpt_dir) / tag / COMPLETE_MARKER).read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+# --------------------------------------------------------------------------- file digests
+
+
+def _tag_files(tag_dir: Path) -> list[str]:
+    """Every file of a tag (relative, sorted) except the marker and its temporary."""
+    return sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name not in (COMPLETE_MARKER, f".{COMPLETE_MARKER}.tmp"))
+
+
+def file_digests(tag_dir: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of a tag, hashed on a few threads (hashlib
+    releases the GIL; a ZeRO checkpoint of a ViT-B is a few GB)."""
+    tag_dir = Path(tag_dir)
+    names = _tag_files(tag_dir)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(names)))) as pool:
+        digests = list(pool.map(lambda name: file_sha256(tag_dir / name), names))
+    return dict(zip(names, digests))
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, tag: str) -> None:
+    """Raise :class:`CheckpointIntegrityError` unless ``tag``'s files are exactly those its marker lists,
+    with the recorded sha256.
+
+    Called by every rank before DeepSpeed loads: each rank unpickles every ZeRO optimizer shard with
+    ``weights_only=False`` (and code can run while unpickling), so each checks what it is about to
+    read. A marker without digests (written before they were recorded) is refused as well: nothing
+    would tell its files from replaced ones.
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    fix = (f"delete {tag_dir} to resume from the previous complete checkpoint, or {Path(ckpt_dir)} to "
+           "start over")
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointIntegrityError(f"checkpoint {tag_dir}: its completion marker is unreadable ({exc}); "
+                                       f"{fix}") from None
+    recorded = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        raise CheckpointIntegrityError(
+            f"checkpoint {tag_dir}: its marker records no file digests (written by an older amorlip, or "
+            f"edited), so its files cannot be told from replaced ones and are not unpickled; {fix}")
+    actual = file_digests(tag_dir)
+    present = set(actual)
+    extra = sorted(present - set(recorded))
+    if extra:
+        raise CheckpointIntegrityError(
+            f"checkpoint {tag_dir}: {extra[0]} was not written by the trainer (not in the marker"
+            f"{f', nor {len(extra) - 1} more' if len(extra) > 1 else ''}); it is not loaded: remove it, or {fix}")
+    for name in sorted(recorded):
+        if name not in present:
+            raise CheckpointIntegrityError(f"checkpoint {tag_dir}: {name} is missing; {fix}")
+        if actual[name] != recorded[name]:
+            raise CheckpointIntegrityError(
+                f"checkpoint {tag_dir}: {name} changed after the checkpoint was saved (its sha256 differs "
+                f"from the one in the marker); it is not loaded, since unpickling a foreign file can run "
+                f"code. {fix[0].upper()}{fix[1:]}")

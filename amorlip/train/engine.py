@@ -82,19 +82,40 @@ def use_bf16(run: RunConfig, cuda: bool) -> bool:
     return run.precision == "bf16" and cuda
 
 
-def deepspeed_config(run: RunConfig, world_size: int, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed config dict: no optimizer or scheduler entries (both are ours)."""
+def deepspeed_config(run: RunConfig, world, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict: no optimizer or scheduler entries (both are ours).
+
+    The batch geometry comes from the :class:`~amorlip.distributed.WorldInfo` alone (micro batch =
+    its local batch, train batch = its global batch), so DeepSpeed's view of the batch can never
+    disagree with what the loader yields. ZeRO 1/2 overlap the gradient reduction with the backward
+    pass in buckets of ``run.zero_bucket_size`` elements (``overlap_comm``, ``contiguous_gradients``):
+    with one bucket larger than the model the whole exchange waits for backward to finish, which
+    across nodes costs the full all-reduce time on every step. overlap_comm needs CUDA streams, so it
+    is only set with a GPU.
+    """
+    zero: dict[str, Any] = {"stage": int(run.zero_stage)}
+    if run.zero_stage in (1, 2, 3):
+        bucket = int(run.zero_bucket_size)
+        zero.update(contiguous_gradients=True, reduce_bucket_size=bucket, allgather_bucket_size=bucket,
+                    overlap_comm=bool(cuda and run.zero_overlap_comm))
+        if run.zero_stage == 3:
+            zero.pop("allgather_bucket_size")  # ZeRO-3 names its prefetch bucket differently
+            zero["stage3_prefetch_bucket_size"] = bucket
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": run.local_batch_size,
-        "train_batch_size": run.local_batch_size * world_size,
+        "train_micro_batch_size_per_gpu": world.local_batch,
+        "train_batch_size": world.global_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(run.grad_clip) if run.grad_clip is not None else 0.0,
-        "zero_optimization": {"stage": int(run.zero_stage)},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,  # our own logging; DeepSpeed's would interleave with tqdm
         "wall_clock_breakdown": False,
     }
     if use_bf16(run, cuda):
-        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # The towers run under bf16 autocast; parameters, optimizer state, losses and the lambda nets
+        # stay fp32. An empty lower_precision_safe_modules keeps the gradient all-reduce in fp32 too:
+        # DeepSpeed's default list (Linear, Conv) would reduce those gradients in bf16, losing ~3
+        # significant digits per sum across ranks.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return cfg
 
 
@@ -121,20 +142,20 @@ def scalar_params_to_1d(model: nn.Module) -> list[str]:
     return changed
 
 
-def build_engine(model: nn.Module, run: RunConfig, world_size: int, device: torch.device):
-    """``deepspeed.initialize`` with our optimizer; returns ``(engine, optimizer)``.
+def build_engine(model: nn.Module, run: RunConfig, world):
+    """``deepspeed.initialize`` with our optimizer on ``world.device``; returns ``(engine, optimizer)``.
 
-    Call after :func:`amorlip.distributed.init_distributed` (DeepSpeed reuses that process group).
+    ``world`` is the job's :class:`~amorlip.distributed.WorldInfo` (DeepSpeed reuses its process group).
     """
     import deepspeed
 
     scalar_params_to_1d(model)
-    model = model.to(device)
-    optimizer = make_optimizer(param_groups(model, run), run, device)
-    config = deepspeed_config(run, world_size, device.type == "cuda")
+    model = model.to(world.device)
+    optimizer = make_optimizer(param_groups(model, run), run, world.device)
+    config = deepspeed_config(run, world, world.device.type == "cuda")
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    log.info("DeepSpeed ZeRO-%d, micro batch %d x %d ranks, grad clip %s, %s", run.zero_stage,
-             run.local_batch_size, world_size, run.grad_clip,
+    log.info("DeepSpeed ZeRO-%d, micro batch %d x %d ranks = %d, grad clip %s, %s", run.zero_stage,
+             world.local_batch, world.world_size, world.global_batch, run.grad_clip,
              "bf16 autocast" if "torch_autocast" in config else "fp32")
     return engine, ds_optimizer
 
@@ -158,24 +179,59 @@ def set_lr(optimizer: torch.optim.Optimizer, run: RunConfig, step: int, total_st
     return lrs[GROUP_DECAY]
 
 
-@torch.no_grad()
-def clamp_master_logit_scale(engine, max_scale: float) -> None:
-    """Clamp the optimizer's fp32 master copy of log s, which ZeRO 1/2 keeps apart from the module.
+def set_logit_scale_lr_by_threshold(optimizer: torch.optim.Optimizer, run: RunConfig, logit_scale: float) -> float | None:
+    """FastCLIP's ``step_lr_thresh`` rule, which the AmorLIP authors use for the temperature.
 
-    The task's clamp (``after_encoder_step``) acts on the module parameter; under ZeRO 1/2 the
-    optimizer holds a separate fp32 partition and would undo it on the next step. Called on every
-    rank after ``engine.step()``, while the module still holds the unclamped value (identical on every
-    rank, so all ranks take the same branch); setting a master fragment is local, no collective.
+    When ``run.lr_logit_scale_thresh`` is set and the temperature 1/s of this step's forward is at or
+    below it, the logit-scale group's lr (as :func:`set_lr` left it for this step) is multiplied by
+    ``run.lr_logit_scale_thresh_ratio``; above it the lr stays. Evaluated every step on the s the
+    forward used, i.e. the value after the previous step's update and clamp, as the authors'
+    scheduler reads ``model.logit_scale`` before each step. Returns the group's lr, or None when off.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    if run.lr_logit_scale_thresh is None:
+        return None
+    lr = None
+    for group in optimizer.param_groups:
+        if group.get("name") != GROUP_LOGIT:
+            continue
+        if logit_scale > 0 and 1.0 / logit_scale <= run.lr_logit_scale_thresh:
+            group["lr"] = group["lr"] * run.lr_logit_scale_thresh_ratio
+        lr = group["lr"]
+    return lr
+
+
+def logit_scale_params(engine) -> list[nn.Parameter]:
+    return [p for name, p in engine.module.named_parameters() if name.rsplit(".", 1)[-1] == "logit_scale"]
+
+
+@torch.no_grad()
+def clamp_logit_scale_after_step(engine, max_scale: float) -> None:
+    """Clamp log s to ``[0, ln max_scale]`` in every copy this rank holds, with no collective and no
+    host read (called after every ``engine.step()``; the authors' and open_clip's clamp).
+
+    - the module parameter (ZeRO 0-2: the full value; ZeRO-3: this rank's partition ``ds_tensor``,
+      and the gathered value too when ZeRO-3 keeps it between steps, as it does for parameters below
+      ``stage3_param_persistence_threshold``: the next forward reads that one);
+    - the optimizer's fp32 master copy, which ZeRO keeps apart from the module and would otherwise
+      write back unclamped at the next step: ZeRO 1/2 through the parameter's local fragment
+      (``set_full_hp_param`` narrows the full value to it), ZeRO-3 through its local fp32 partition.
+
+    Each rank clamps only what it owns, so ranks whose ZeRO-3 partition of the one-element parameter
+    is padding do the same harmless work. The clamp is unconditional: testing whether it is needed
+    would read the device on every step.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     upper = math.log(max_scale)
-    for name, param in engine.module.named_parameters():
-        if name.rsplit(".", 1)[-1] != "logit_scale":
+    for param in logit_scale_params(engine):
+        if hasattr(param, "ds_id"):  # ZeRO-3: module partition and fp32 master partition, both local
+            param.ds_tensor.data.clamp_(0.0, upper)
+            if param.data.numel():  # a small "persistent" parameter stays gathered between steps
+                param.data.clamp_(0.0, upper)
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(0.0, upper))
             continue
-        if hasattr(param, "ds_id"):  # ZeRO-3: the module holds a partition; read the master (collective)
-            value = safe_get_full_fp32_param(param)
-        else:
-            value = param.detach().float()
-        if value is not None and bool(((value < 0.0) | (value > upper)).any()):
-            safe_set_full_fp32_param(param, value.clamp(0.0, upper))
+        param.data.clamp_(0.0, upper)
+        if getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1/2 master fragment
+            param.set_full_hp_param(param.data.float())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def _lambda_nets(run: RunConfig, model, task_state: dict | None) -> dict | None:
 def export(config: dict, run_name: str, out: str | os.PathLike | None = None) -> Path:
     """Write ``runs/{run}/model.pt`` from the newest complete checkpoint; returns its path."""
     from amorlip.models import create_model, model_config
-    from amorlip.train.checkpoint import latest_complete_tag
+    from amorlip.train.checkpoint import latest_complete_tag, verify_checkpoint
 
     run = get_run(config, run_name)
     run_dir = Path(config["paths"]["runs"]) / run_name
@@ -95,6 +96,9 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}; train the run first "
                                 f"(amorlip train --config ... --run {run_name})")
+    # the ZeRO optimizer files unpickle with weights_only=False: only files this trainer wrote (their
+    # sha256 is in the completion marker) are opened
+    verify_checkpoint(ckpt_dir, tag)
     weights = consolidated_state_dict(ckpt_dir, tag)
     extra = client_state(ckpt_dir, tag)
     kwargs = {"init_logit_bias": float(run.siglip_init_bias)} if "logit_bias" in weights else {}
@@ -128,6 +132,35 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
     return out
 
 
+class ModelFileError(ValueError):
+    """A ``model.pt`` that ``amorlip export`` did not write (truncated, replaced, another format)."""
+
+
+def _read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``model.pt``'s payload, or :class:`ModelFileError` saying what the file is and how to redo it.
+
+    ``torch.save`` writes a zip archive; anything else would reach torch's legacy pickle reader,
+    whose errors (``KeyError: 101`` for a text file) say nothing useful, so it is refused first.
+    """
+    path = Path(path)
+    redo = "delete it and rerun the export (snakemake reruns it; or `amorlip export --config C --run R`)"
+    if not path.is_file():
+        raise ModelFileError(f"{path} not found; {redo}")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a model file written by `amorlip export` (not a torch zip "
+                             f"archive: {path.stat().st_size} bytes of something else); {redo}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged archive or a foreign pickle
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelFileError(f"{path} is damaged or not an amorlip model file ({type(exc).__name__}: {first}); "
+                             f"never load it with weights_only=False; {redo}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelFileError(f"{path}: not an amorlip model file (format {found!r}, expected {FORMAT}); {redo}")
+    return payload
+
+
 def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """``model.pt`` -> ``(model in eval mode, preprocess_val, tokenizer, meta)`` for evaluation.
 
@@ -135,9 +168,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """
     from amorlip.models import create_model, get_tokenizer, known_model_names
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an amorlip model file (format {payload.get('format')!r}, expected {FORMAT})")
+    payload = _read_model_file(path)
     name = payload["model_name"]
     kwargs = payload.get("model_kwargs") or {}
     if name in known_model_names():

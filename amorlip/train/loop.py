@@ -1,11 +1,14 @@
 """The training loop: one DeepSpeed step per batch, checkpoints, resume, stop conditions.
 
-Per step (method notes 1.7): set the lr of every group for the global step; the task's forward
-(targets, lambda updates, EMA, encoder loss); one all-reduce of the stop flags (preemption signal,
-non-finite loss, lambda divergence) so every rank takes the same decision; ``engine.backward``;
-``engine.step``; the logit-scale clamp. Positions are counted as *steps done*: a checkpoint taken
-after ``n`` steps stores the data position of step ``n`` (epoch, step in epoch), and a resume asks
-the loader for exactly that position, so no step is repeated or skipped.
+Per step (docs/architecture.md, "The training step"): set the lr of every group for the global
+step; the task's forward (targets, lambda updates, EMA, encoder loss); one device vector of flags
+(stop signal, non-finite loss, lambda divergence, the logit scale) all-reduced once and read once,
+so every rank takes the same decision; ``engine.backward``; ``engine.step``; the logit-scale clamp.
+That read is the step's only host-device synchronisation: metrics stay detached device tensors and
+are summed on the device, then averaged over ranks and read on logging steps only, so the logged
+numbers describe the global batch, not rank 0's share. Positions are counted as *steps done*: a
+checkpoint taken after ``n`` steps stores the data position of step ``n`` (epoch, step in epoch),
+and a resume asks the loader for exactly that position, so no step is repeated or skipped.
 
 Stops:
 - a non-finite loss (or a previous-epoch lambda gap beyond ``amorlip.divergence_bound`` after epoch 0) raises
@@ -13,7 +16,9 @@ Stops:
 - SIGTERM / SIGUSR1 (SLURM preemption, ``scancel --signal``) finish the current step, save a
   checkpoint and raise :class:`Preempted`; the job should be requeued and will resume;
 - a checkpoint that cannot be written (disk full) raises :class:`CheckpointWriteFailed`, which names
-  the previous complete checkpoint: the torn tag has no marker, so a rerun resumes from that one.
+  the previous complete checkpoint: the torn tag has no marker, so a rerun resumes from that one;
+- lambda nets that differ across ranks at a checkpoint raise :class:`ReplicaMismatch` (they must be
+  one model: same initial weights, all-reduced gradients).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 
 from amorlip import distributed as dist_utils
 from amorlip.train import checkpoint as ckpt
-from amorlip.train.engine import clamp_master_logit_scale, set_lr
+from amorlip.train.engine import clamp_logit_scale_after_step, set_logit_scale_lr_by_threshold, set_lr
 from amorlip.train.progress import MetricsFile, Progress, Throughput, loss_terms, nonfinite_terms
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,10 @@ DEBUG_STEP_SLEEP_ENV = "AMORLIP_DEBUG_STEP_SLEEP"
 
 class TrainingDiverged(RuntimeError):
     """Non-finite loss or lambda divergence: stopping is the only honest outcome."""
+
+
+class ReplicaMismatch(TrainingDiverged):
+    """State that must be identical on every rank (the lambda nets) differs between ranks."""
 
 
 # A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact.
@@ -79,35 +88,42 @@ class StopSignal:
 
 
 class Trainer:
-    """Owns the engine, the task and the loader for one run; :meth:`fit` trains to ``total_steps``."""
+    """Owns the engine, the task and the loader for one run; :meth:`fit` trains to ``total_steps``.
 
-    def __init__(self, *, run, engine, task, loader, run_dir: Path, world_size: int, global_batch: int,
-                 tracker, stop: StopSignal, master: bool, started_at: float | None = None):
+    ``world`` (:class:`amorlip.distributed.WorldInfo`) is the only source of the rank, the world
+    size, the global batch and the process group of the per-step collectives.
+    """
+
+    def __init__(self, *, run, engine, task, loader, run_dir: Path, world, tracker, stop: StopSignal,
+                 started_at: float | None = None):
         self.run = run
         self.engine = engine
         self.task = task
         self.loader = loader
+        self.world = world
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.world_size = world_size
+        self.world_size = world.world_size
+        self.global_batch = world.global_batch
+        self.master = world.is_master
         self.tracker = tracker
         self.stop = stop
-        self.master = master
         self.steps_per_epoch = len(loader)
         self.total_steps = min(run.epochs * self.steps_per_epoch, run.max_steps or math.inf)
-        self.global_batch = global_batch
         self.pos = Position()
         self.last_saved = -1
         self.resumed_from: str | None = None
         self.final_losses: dict[str, float] = {}
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
-        self._window: dict[str, list[float]] = {}
+        self._window = MetricWindow()
+        self._device_transform = getattr(loader, "device_transform", None)
         self._skipped_local = 0
         self._debug_keys = os.environ.get(DEBUG_KEYS_ENV)
         self._debug_sleep = float(os.environ.get(DEBUG_STEP_SLEEP_ENV) or 0.0)
         self._attempt_t0 = started_at if started_at is not None else time.monotonic()
         self._stop_now = False
         self._loop_t0: float | None = None
+        self.last_logged: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -122,6 +138,8 @@ class Trainer:
             "task": self.task.state_dict(),
             "run": json.loads(json.dumps(self.run.to_dict())),
             "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "replica_checksum": self.task.replica_checksum(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "final_losses": dict(self.final_losses),
         }
@@ -137,12 +155,9 @@ class Trainer:
         torn = [t for t in ckpt.torn_tags(self.ckpt_dir) if ckpt.step_of(t) > ckpt.step_of(tag)]
         if torn and self.master:
             log.warning("ignoring incomplete checkpoint(s) %s; resuming from %s", ", ".join(torn), tag)
+        self._check_world_of(tag, ckpt.marker_world_size(self.ckpt_dir, tag))  # before DeepSpeed reads it
         state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
-        if state.get("world_size") != self.world_size:
-            raise RuntimeError(
-                f"checkpoint {tag} was written by {state.get('world_size')} ranks but this job has "
-                f"{self.world_size}; the data position depends on the rank count: relaunch with "
-                f"{state.get('world_size')} ranks or delete {self.ckpt_dir} to start over")
+        self._check_world_of(tag, state.get("world_size"))
         changed = sorted(k for k, v in state["run"].items()
                          if json.loads(json.dumps(self.run.to_dict())).get(k) != v)
         if changed and self.master:
@@ -159,9 +174,41 @@ class Trainer:
                      self.pos.steps_done, self.pos.epoch, self.pos.step_in_epoch, kept)
         return state
 
+    def _check_world_of(self, tag: str, saved_world_size: int | None) -> None:
+        """Refuse a checkpoint of another world size before any step (docs/failure-modes.md).
+
+        The data position (each rank's slots and streams), ZeRO's optimizer partitions and the RNG
+        files are all per rank: carrying them to another rank count would silently change the data
+        order or fail inside DeepSpeed. The lambda nets would carry over (they are replicated), the
+        rest would not, so the run stops and says how to go on.
+        """
+        if saved_world_size is None or int(saved_world_size) == self.world_size:
+            return
+        raise RuntimeError(
+            f"checkpoint {tag} in {self.ckpt_dir} was written by {saved_world_size} ranks but this job has "
+            f"{self.world_size}: the data position and ZeRO's optimizer partitions are per rank. Relaunch "
+            f"with {saved_world_size} ranks (nproc x nodes = {saved_world_size}), or move {self.ckpt_dir} "
+            f"away to start this run over on {self.world_size}")
+
+    def _check_replicas(self) -> str | None:
+        """Compare the task's replicated state (the lambda nets) across ranks; raise if it differs."""
+        checksum = self.task.replica_checksum()
+        if checksum is None or self.world_size == 1:
+            return checksum
+        every = [None] * self.world_size
+        torch.distributed.all_gather_object(every, checksum)
+        if len(set(every)) > 1:
+            listing = ", ".join(f"rank {r}: {c[:12]}" for r, c in enumerate(every))
+            raise ReplicaMismatch(
+                f"the lambda nets differ across ranks at step {self.pos.steps_done} ({listing}); they must be one "
+                f"model (same seed, all-reduced gradients). The last good checkpoint "
+                f"({ckpt.latest_complete_tag(self.ckpt_dir) or 'none'}) is kept; this is a bug, please report it")
+        return checksum
+
     def save(self) -> None:
         if self.last_saved == self.pos.steps_done:
             return
+        self._check_replicas()
         self._sync_skipped()
         # raises CheckpointWriteFailed (disk full, ...) naming the free space and the intact previous tag
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.pos.steps_done, self.client_state(),
@@ -192,8 +239,8 @@ class Trainer:
                         break
                     out = self._step(batch)
                     speed.step()
-                    progress.update(float(out["loss"].detach()), speed.peek(), epoch)
-                    self._after_step(out, speed)
+                    logged = self._after_step(out, speed)
+                    progress.update(speed.peek(), epoch, logged.get("loss") if logged else None)
                     if self._stop_now and self.pos.steps_done < self.total_steps:
                         self.save()
                         raise Preempted(f"stop signal ({self.stop.signum or 'on another rank'}) at step {self.pos.steps_done}: "
@@ -207,44 +254,58 @@ class Trainer:
         self._sync_skipped()
         return self.pos
 
+    def _step_flags(self, out: dict) -> torch.Tensor:
+        """``[stop signal, non-finite loss, lambda divergence, s]`` as one device vector, reduced by MAX.
+
+        Built from device tensors without reading them; s (identical on every rank) rides along for
+        the temperature-lr threshold rule so that reading it costs nothing extra.
+        """
+        device = self.engine.device
+        terms = [v.detach().float().reshape(()) for k, v in out.items()
+                 if (k == "loss" or k.endswith("_loss")) and isinstance(v, torch.Tensor)]
+        nonfinite = (~torch.isfinite(torch.stack(terms))).any().float()
+        gap = out.get("lambda_gap_prev")
+        if self.pos.epoch > 0 and isinstance(gap, torch.Tensor):
+            # lambda_gap_prev (the previous epoch's net vs the fresh in-batch sums) is the divergence
+            # signal: lambda_gap itself is large by design right after each epoch's re-initialisation.
+            gap = gap.detach().float()
+            diverged = (torch.isfinite(gap) & (gap.abs() > self.run.amorlip.divergence_bound)).float()
+        else:
+            diverged = torch.zeros((), device=device)
+        scale = out.get("logit_scale")
+        scale = scale.detach().float().reshape(()) if isinstance(scale, torch.Tensor) else \
+            torch.full((), float(scale if scale is not None else math.nan), device=device)
+        signal_flag = torch.full((), 1.0 if self.stop.signum is not None else 0.0, device=device)
+        flags = torch.stack([signal_flag.to(device), nonfinite.to(device), diverged.to(device), scale.to(device)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.world.step_group)
+        return flags
+
     def _step(self, batch: dict) -> dict:
         run, pos = self.run, self.pos
         device = self.engine.device
         images = batch["images"].to(device, non_blocking=True)
+        if self._device_transform is not None:
+            images = self._device_transform(images)
         texts = batch["texts"].to(device, non_blocking=True)
         lr = set_lr(self.engine.optimizer, run, pos.steps_done, self.total_steps)
         out = self.task.training_forward(images, texts, pos.step_in_epoch)
         out["lr"] = lr
-        bad = nonfinite_terms(out)
-        # lambda_gap_prev (the previous epoch's net vs the fresh in-batch sums) is the divergence
-        # signal: lambda_gap itself is large by design right after each epoch's re-initialisation.
-        gap = out.get("lambda_gap_prev")
-        diverged = (pos.epoch > 0 and gap is not None and math.isfinite(gap)
-                    and abs(gap) > run.amorlip.divergence_bound)
-        flags = torch.tensor([1.0 if self.stop.signum is not None else 0.0, 1.0 if bad else 0.0,
-                              1.0 if diverged else 0.0])
-        if dist_utils.world_size() > 1:
-            flags = flags.to(device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        signal_any, bad_any, diverged_any = (bool(v) for v in flags.tolist())
-        where = f"step {pos.steps_done} (epoch {pos.epoch}, step {pos.step_in_epoch} of the epoch)"
-        last = f"the last good checkpoint ({ckpt.latest_complete_tag(self.ckpt_dir) or 'none'}) is kept"
+        # the step's one host read: every rank decides the same from the reduced flags
+        signal_any, bad_any, diverged_any, scale = self._step_flags(out).tolist()
         if bad_any:
-            terms = ", ".join(f"{k}={v:.6g}" for k, v in loss_terms(out).items())
-            raise TrainingDiverged(f"non-finite loss at {where}: {terms} (on rank "
-                                   f"{'this' if bad else 'another'}); {last}. Lower lr, check the data "
-                                   "or the logit scale.")
+            self._raise_nonfinite(out)
         if diverged_any:
-            raise TrainingDiverged(
-                f"lambda divergence at {where}: |lambda_gap_prev| = {abs(gap or 0.0):.4g} > divergence_bound "
-                f"{run.amorlip.divergence_bound}; {last}. Lower amorlip.lambda_lr or raise the bound.")
+            self._raise_diverged(out)
         # only the reduced flag decides: a signal landing after the all-reduce waits for the next step,
         # so every rank stops at the same step (save_checkpoint is collective)
-        self._stop_now = signal_any
+        self._stop_now = bool(signal_any)
+        logit_lr = set_logit_scale_lr_by_threshold(self.engine.optimizer, run, scale)
+        if logit_lr is not None:
+            out["lr_logit_scale"] = logit_lr
         self.engine.backward(out["loss"])
         self.engine.step()
-        clamp_master_logit_scale(self.engine, run.max_logit_scale)
-        self.task.after_encoder_step()
+        clamp_logit_scale_after_step(self.engine, run.max_logit_scale)
         self._debug_record(batch)
         if self._debug_sleep:
             time.sleep(self._debug_sleep)
@@ -254,33 +315,64 @@ class Trainer:
         pos.samples_seen += self.global_batch
         return out
 
-    def _after_step(self, out: dict, speed: Throughput) -> None:
+    def _where(self) -> str:
         pos = self.pos
-        for key, value in out.items():
-            if key != "loss" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._window.setdefault(key, []).append(float(value))
-        self._window.setdefault("loss", []).append(float(out["loss"].detach()))
+        return f"step {pos.steps_done} (epoch {pos.epoch}, step {pos.step_in_epoch} of the epoch)"
+
+    def _last_good(self) -> str:
+        # built only when raising: listing the checkpoint folder every step would hit a shared file
+        # system from every rank on every step
+        return f"the last good checkpoint ({ckpt.latest_complete_tag(self.ckpt_dir) or 'none'}) is kept"
+
+    def _raise_nonfinite(self, out: dict) -> None:
+        here = nonfinite_terms(out)
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in loss_terms(out).items())
+        raise TrainingDiverged(f"non-finite loss at {self._where()}: {terms} (on rank "
+                               f"{'this' if here else 'another'}); {self._last_good()}. Lower lr, check the data "
+                               "or the logit scale.")
+
+    def _raise_diverged(self, out: dict) -> None:
+        gap = out.get("lambda_gap_prev")
+        gap = float(gap) if gap is not None else math.nan
+        raise TrainingDiverged(
+            f"lambda divergence at {self._where()}: |lambda_gap_prev| = {abs(gap):.4g} > "
+            f"divergence_bound {self.run.amorlip.divergence_bound} (on rank {self.world.rank} or another); "
+            f"{self._last_good()}. Lower "
+            "amorlip.lambda_lr or raise the bound.")
+
+    def _after_step(self, out: dict, speed: Throughput) -> dict[str, float] | None:
+        """Add the step to the metric window; on logging steps reduce it over ranks and record it.
+
+        Returns the logged means on logging steps, else None (nothing was read from the device).
+        """
+        pos = self.pos
+        self._window.add(out)
         last = pos.steps_done >= self.total_steps
+        logged = None
         if pos.steps_done % self.run.log_every == 0 or last:
-            self._sync_skipped()
-            means = {k: sum(v) / len(v) for k, v in self._window.items() if v}
-            self._window = {}
+            means, skipped = self._window.reduce(self.world, self._skipped_local)
+            self._skipped_local = 0
+            pos.skipped_samples += skipped
             self.final_losses = {k: v for k, v in means.items() if k == "loss" or k.endswith("_loss")}
             record = {"step": pos.steps_done, "epoch": pos.epoch, **means, "lr": out["lr"],
                       "images_per_s": speed.rate(), "skipped": pos.skipped_samples,
-                      "samples_seen": pos.samples_seen}
+                      "samples_seen": pos.samples_seen, "global_batch": self.global_batch,
+                      "world_size": self.world_size}
             if self.master:
                 self.metrics.append({**record, "time": time.time()})
                 self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=pos.steps_done)
+            self.last_logged = means
+            logged = means
         if pos.steps_done % self.run.checkpoint_every == 0 and not last:
             self.save()
+        return logged
 
     def _sync_skipped(self) -> None:
         """Add every rank's corrupt-sample count to the global total (all ranks call this together)."""
         local = torch.tensor([float(self._skipped_local)])
-        if dist_utils.world_size() > 1:
+        if self.world_size > 1:
             local = local.to(self.engine.device)
-            torch.distributed.all_reduce(local)
+            torch.distributed.all_reduce(local, group=self.world.step_group)
         self.pos.skipped_samples += int(local.item())
         self._skipped_local = 0
 
@@ -295,17 +387,72 @@ class Trainer:
             return
         rec = {"step": self.pos.steps_done, "epoch": self.pos.epoch, "step_in_epoch": self.pos.step_in_epoch,
                "keys": list(batch.get("keys", [])), "pid": os.getpid()}
-        with open(f"{self._debug_keys}.rank{dist_utils.rank()}.jsonl", "a") as fh:
+        with open(f"{self._debug_keys}.rank{self.world.rank}.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
     def debug_final(self) -> None:
-        """With AMORLIP_DEBUG_KEYS set, each rank records a checksum of its weights (replica agreement)."""
+        """With AMORLIP_DEBUG_KEYS set, each rank records checksums of its weights and of the task's
+        replicated state (replica agreement). Under ZeRO-3 the module holds partitions only, so the
+        parameters are gathered first (every rank takes part)."""
         if not self._debug_keys:
             return
         digest = hashlib.sha256()
-        for name, param in sorted(self.engine.module.state_dict().items()):
+        for name, tensor in sorted(full_module_state(self.engine).items()):
             digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-        with open(f"{self._debug_keys}.rank{dist_utils.rank()}.jsonl", "a") as fh:
-            fh.write(json.dumps({"final_step": self.pos.steps_done, "weights_sha256": digest.hexdigest(),
-                                 "pid": os.getpid()}) + "\n")
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        record = {"final_step": self.pos.steps_done, "weights_sha256": digest.hexdigest(), "pid": os.getpid(),
+                  "replica_checksum": self.task.replica_checksum()}
+        with open(f"{self._debug_keys}.rank{self.world.rank}.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def full_module_state(engine) -> dict[str, torch.Tensor]:
+    """The module's full parameters and buffers on this rank (gathered under ZeRO-3; collective there)."""
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+class MetricWindow:
+    """Per-key sums of the step outputs since the last logging step, kept on the device.
+
+    Tensor values are added on the device (no read); plain numbers on the host. :meth:`reduce`
+    averages the tensor sums over steps and ranks with one all-reduce and one read, so a logged
+    ``loss`` is the mean over the global batch rather than rank 0's share.
+    """
+
+    def __init__(self) -> None:
+        self.device_sums: dict[str, torch.Tensor] = {}
+        self.host_sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, out: dict) -> None:
+        self.steps += 1
+        for key, value in out.items():
+            if key == "lr" or isinstance(value, bool):
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().reshape(())
+                self.device_sums[key] = self.device_sums[key] + value if key in self.device_sums else value.clone()
+            elif isinstance(value, (int, float)):
+                self.host_sums[key] = self.host_sums.get(key, 0.0) + float(value)
+
+    def reduce(self, world, skipped_local: int) -> tuple[dict[str, float], int]:
+        """``(means over steps and ranks, skipped samples summed over ranks)``; empties the window."""
+        keys = sorted(self.device_sums)
+        device = next(iter(self.device_sums.values())).device if keys else torch.device("cpu")
+        vector = torch.stack([self.device_sums[k] for k in keys] +
+                             [torch.full((), float(skipped_local), device=device)])
+        if world.world_size > 1:
+            torch.distributed.all_reduce(vector, group=world.step_group)
+        values = vector.tolist()
+        steps = max(self.steps, 1)
+        means = {k: v / (steps * world.world_size) for k, v in zip(keys, values[:-1])}
+        means.update({k: v / steps for k, v in self.host_sums.items()})
+        skipped = int(round(values[-1]))
+        self.device_sums, self.host_sums, self.steps = {}, {}, 0
+        return means, skipped

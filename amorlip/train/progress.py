@@ -64,13 +64,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _as_float(value: Any) -> float:
+    return float(value.detach() if hasattr(value, "detach") else value)
+
+
 def loss_terms(out: Mapping[str, Any]) -> dict[str, float]:
-    """The named float losses of a task's output (``loss`` as a float plus every ``*_loss``)."""
-    loss = out["loss"]
-    terms = {"loss": float(loss.detach() if hasattr(loss, "detach") else loss)}
+    """The named losses of a task's output as floats (``loss`` plus every ``*_loss``).
+
+    Reads the device: call it when a step has failed or on logging steps, not every step.
+    """
+    terms = {"loss": _as_float(out["loss"])}
     for key, value in out.items():
-        if key.endswith("_loss") and isinstance(value, (int, float)):
-            terms[key] = float(value)
+        if key.endswith("_loss") and not isinstance(value, bool):
+            terms[key] = _as_float(value)
     return terms
 
 
@@ -123,9 +129,14 @@ class Progress:
                         dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0,
                         file=sys.stderr)
 
-    def update(self, loss: float, images_per_s: float, epoch: int) -> None:
-        self.bar.set_postfix({"loss": f"{loss:.4f}", "img/s": f"{images_per_s:.1f}", "epoch": epoch},
-                             refresh=False)
+    def update(self, images_per_s: float, epoch: int, loss: float | None = None) -> None:
+        """One step done; ``loss`` (the last logged mean) only on logging steps, where it was read anyway."""
+        if loss is not None:
+            self.loss = loss
+        postfix = {"img/s": f"{images_per_s:.1f}", "epoch": epoch}
+        if getattr(self, "loss", None) is not None:
+            postfix = {"loss": f"{self.loss:.4f}", **postfix}
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -6,9 +6,10 @@ every rank runs :func:`train`. Exit codes, as Snakemake and SLURM see them:
 - ``0``: finished; ``train.json`` (the rule's output) is written last, atomically.
 - ``75`` (EX_TEMPFAIL): stopped by SIGTERM/SIGUSR1 after saving a checkpoint; the job should be
   requeued (``sbatch --requeue``, or Snakemake's ``--retries``) and resumes where it stopped.
-- ``1``: the run diverged (non-finite loss, lambda divergence) or a checkpoint could not be written
-  (disk full); the message names the step (and the loss terms, or the cause), and the last good
-  checkpoint is kept.
+- ``1``: the run diverged (non-finite loss, lambda divergence, lambda nets that differ across
+  ranks) or a checkpoint could not be written (disk full); the message names the step (and the loss
+  terms, or the cause), and the last good checkpoint is kept.
+- ``2``: launched with another rank count than the run's ``nproc x nodes``; the message names both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 
 from amorlip import distributed as dist_utils
 from amorlip.config import RunConfig, get_run
+from amorlip.determinism import apply_determinism
 from amorlip.fileio import atomic_write_json
+from amorlip.provenance import flat_provenance, run_provenance
 from amorlip.train.checkpoint import tag_for
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_DIVERGED = 1
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
+EXIT_CONFIG = 2  # the launch does not match the run's configuration (as a config error)
 
 
 def run_dir(config: dict, run_name: str) -> Path:
@@ -55,37 +59,57 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(config: dict, run: RunConfig, info, device: torch.device, local_batch: int):
-    """Model, loader, engine and task for this rank."""
-    from amorlip.data.loader import TrainLoader
-    from amorlip.models import create_model, get_tokenizer
+def build_model_engine_task(run: RunConfig, world):
+    """Model, DeepSpeed engine and task for this rank, all shaped by ``world`` (WorldInfo).
+
+    Returns ``(engine, task, preprocess_train, tokenizer)``. The task gets ``world.group``: with W > 1
+    ranks every objective scores its local rows against the global batch.
+    """
+    from amorlip.models import create_model, get_tokenizer, model_config
     from amorlip.tasks import build_task
     from amorlip.train.engine import build_engine
 
     # the same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's)
+    # and identical lambda nets (seeded from run.seed alone)
     seed_everything(run.seed)
     model, preprocess_train, _ = create_model(
         run.model, init_logit_scale=run.init_logit_scale,
         siglip_init_bias=run.siglip_init_bias if run.method == "siglip" else None)
-    embed_dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else None
-    if embed_dim is None:
-        from amorlip.models import model_config
-
+    if hasattr(model, "text_projection"):
+        embed_dim = model.text_projection.shape[1]
+    else:
         embed_dim = model_config(run.model)["embed_dim"]
-    shard_dir = Path(config["paths"]["data"]) / run.dataset / "shards"
-    loader = TrainLoader(shard_dir, None, local_batch_size=local_batch, rank=info.rank,
-                         world_size=info.world_size, workers=run.workers, seed=run.seed,
-                         preprocess=preprocess_train, tokenizer=get_tokenizer(run.model),
-                         samples_per_epoch=run.samples_per_epoch, pin_memory=device.type == "cuda")
-    engine, _ = build_engine(model, run, info.world_size, device)
-    task = build_task(run, engine.module, embed_dim, device, group=None)
+    engine, _ = build_engine(model, run, world)
+    task = build_task(run, engine.module, embed_dim, world.device, group=world.group)
     task.model = engine
+    return engine, task, preprocess_train, get_tokenizer(run.model)
+
+
+def build_loader(config: dict, run: RunConfig, world, preprocess, tokenizer):
+    """This rank's share of every global batch: ``world.local_batch`` samples, slot ``world.rank``."""
+    from amorlip.data.loader import TrainLoader
+    from amorlip.data.pixels import split_for_device
+
+    # workers ship uint8 pixels; the trainer normalises on the device (a quarter of the bytes)
+    to_uint8, normalize = split_for_device(preprocess)
+    shard_dir = Path(config["paths"]["data"]) / run.dataset / "shards"
+    return TrainLoader(shard_dir, None, local_batch_size=world.local_batch, rank=world.rank,
+                       world_size=world.world_size, workers=run.workers, seed=run.seed,
+                       preprocess=to_uint8, tokenizer=tokenizer, device_transform=normalize,
+                       samples_per_epoch=run.samples_per_epoch, pin_memory=world.device.type == "cuda")
+
+
+def _build(config: dict, run: RunConfig, world):
+    """Model, loader, engine and task for this rank."""
+    engine, task, preprocess, tokenizer = build_model_engine_task(run, world)
+    loader = build_loader(config, run, world, preprocess, tokenizer)
     # anything random after this point may differ per rank (augmentations are seeded by the loader)
-    seed_everything(run.seed + info.rank)
+    seed_everything(run.seed + world.rank)
     return engine, task, loader
 
 
-def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path) -> dict:
+def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path,
+                   determinism: dict | None = None) -> dict:
     from amorlip.train.progress import plot_loss_curves
 
     pos = trainer.pos
@@ -100,8 +124,12 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
         "images_per_s": round(pos.samples_seen / train_time, 3) if train_time > 0 else 0.0,
         "final_losses": trainer.final_losses, "skipped_samples": pos.skipped_samples,
         "mlflow_run_id": tracker.run_id, "world_size": trainer.world_size,
-        "batch_size": run.batch_size, "resumed_from": trainer.resumed_from,
+        "batch_size": run.batch_size, "local_batch_size": trainer.world.local_batch,
+        "lambda_replica_checksum": trainer.task.replica_checksum(), "resumed_from": trainer.resumed_from,
         "checkpoint": str(trainer.ckpt_dir / tag_for(pos.steps_done)),
+        # what the result depends on: url list, downloaded sample set, settings, code, packages
+        "provenance": run_provenance(config, run),
+        "determinism": determinism or {"deterministic": False},
         "complete": True,
     }
     curve = plot_loss_curves(trainer.metrics.read(), out_dir / "loss_curves.png",
@@ -128,27 +156,25 @@ def train(config: dict, run_name: str) -> int:
     if is_finished(out_dir / "train.json"):
         log.info("run %s already finished (%s); nothing to do", run_name, out_dir / "train.json")
         return EXIT_OK
-    info = dist_utils.init_distributed()
-    master = info.rank == 0
-    if info.world_size != run.world_size and master:
-        log.warning("run %s is configured for %d rank(s) (nproc x nodes) but runs on %d; the global "
-                    "batch stays %d", run_name, run.world_size, info.world_size, run.batch_size)
-    if run.batch_size % info.world_size:
-        raise SystemExit(f"batch_size {run.batch_size} is not divisible by the {info.world_size} ranks")
-    local_batch = run.batch_size // info.world_size
+    try:
+        world = dist_utils.make_world(run.batch_size, run.world_size, what=f"run {run_name!r}")
+    except dist_utils.WorldSizeMismatch as exc:
+        log.error("%s", exc)
+        dist_utils.shutdown()
+        return EXIT_CONFIG
+    master = world.is_master
+    determinism = apply_determinism(run)  # before any model or kernel is created
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    device = dist_utils.device_for(info)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())))
 
     started = time.monotonic()
     stop = StopSignal()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        engine, task, loader = _build(config, run, info, device, local_batch)
-        trainer = Trainer(run=run, engine=engine, task=task, loader=loader, run_dir=out_dir,
-                          world_size=info.world_size, global_batch=local_batch * info.world_size,
-                          tracker=None, stop=stop, master=master, started_at=started)
+        engine, task, loader = _build(config, run, world)
+        trainer = Trainer(run=run, engine=engine, task=task, loader=loader, run_dir=out_dir, world=world,
+                          tracker=None, stop=stop, started_at=started)
         state = trainer.resume()
         tags = {"run": run.name, "method": run.method, "variant": run.variant, "dataset": run.dataset,
                 "model": run.model}
@@ -156,13 +182,20 @@ def train(config: dict, run_name: str) -> int:
                        enabled=master, resume_run_id=(state or {}).get("mlflow_run_id")) as tracker:
             trainer.tracker = tracker
             if not state:
-                tracker.log_params(run.to_dict() | {"world_size": info.world_size, "local_batch_size": local_batch,
+                tracker.set_tags(flat_provenance(run_provenance(config, run)))
+                tracker.log_params(run.to_dict() | {"world_size": world.world_size,
+                                                    "local_batch_size": world.local_batch,
+                                                    "global_batch_size": world.global_batch,
+                                                    "lambda_adam_lr": _lambda_adam_lr(task),
                                                     "steps_per_epoch": len(loader)})
             try:
                 trainer.fit()
             except Preempted as exc:
                 tracker.final_status = "KILLED"
                 log.warning("%s; exiting with %d so the job is requeued", exc, EXIT_REQUEUE)
+                # the checkpoint is complete on every rank: wait for all before exiting, so that under
+                # `srun --kill-on-bad-exit` no rank's exit kills a peer still closing its MLflow run
+                dist_utils.barrier()
                 return EXIT_REQUEUE
             except (TrainingDiverged, CheckpointWriteFailed) as exc:
                 if master:
@@ -170,7 +203,7 @@ def train(config: dict, run_name: str) -> int:
                 tracker.final_status = "FAILED"
                 return EXIT_DIVERGED
             trainer.debug_final()
-            summary = _write_outputs(config, run, trainer, tracker, out_dir) if master else None
+            summary = _write_outputs(config, run, trainer, tracker, out_dir, determinism) if master else None
         dist_utils.barrier()
         if master:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items())
@@ -181,3 +214,9 @@ def train(config: dict, run_name: str) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        dist_utils.shutdown()
+
+
+def _lambda_adam_lr(task) -> float | None:
+    lambdas = getattr(task, "lambdas", None)
+    return float(lambdas.lr) if lambdas is not None else None

@@ -206,7 +206,9 @@ def hostile_download(tmp_path_factory):
             "paths": {k: str(root / k) for k in ("data", "runs", "results", "resources")},
             "datasets": {"hostile": {"source": "url_list", "url_list": str(url_list), "image_size": 32,
                                      "samples_per_shard": 20, "processes": 1, "threads": 8,
-                                     "timeout": TIMEOUT_S, "retries": 0, "max_image_bytes": MAX_IMAGE_BYTES}},
+                                     "timeout": TIMEOUT_S, "retries": 0, "max_image_bytes": MAX_IMAGE_BYTES,
+                                     # the hostile server is on loopback, which downloads refuse by default
+                                     "allowed_networks": ["127.0.0.1/32"]}},
             "defaults": {"dataset": "hostile", "model": "amorlip-tiny"},
             "runs": {"clip": {"method": "clip"}},
         }

@@ -104,9 +104,31 @@ class SnakemakeRun:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-def start_snakemake(workdir: Path, *args: str, profile: Path | None = SLURM_PROFILE,
+def local_cluster_profile(workdir: Path) -> Path:
+    """profiles/slurm with the one change the 2-core test node needs, written under ``workdir``.
+
+    The rule gives each training rank ``workers + 2`` CPUs (docs/slurm.md, "CPUs and memory"): a
+    2-rank run would ask for 4 CPUs and never be scheduled on 2. This copy sets train_run's
+    ``cpus_per_task`` to 1, the override docs/slurm.md describes for small nodes; every other key
+    is the shipped profile's.
+    """
+    profile = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+    profile["set-resources"]["train_run"]["cpus_per_task"] = 1
+    out = workdir / ".profile-local-cluster"
+    out.mkdir(exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return out
+
+
+def start_snakemake(workdir: Path, *args: str, profile: Path | None | str = "local-cluster",
                     snakefile: Path = REPO / "Snakefile", configfile: Path | None = None) -> SnakemakeRun:
-    """Start Snakemake in ``workdir`` (non-blocking); output goes to ``workdir/snakemake.out``."""
+    """Start Snakemake in ``workdir`` (non-blocking); output goes to ``workdir/snakemake.out``.
+
+    ``profile``: a profile folder, None for none, or "local-cluster" (the default):
+    :func:`local_cluster_profile`.
+    """
+    if profile == "local-cluster":
+        profile = local_cluster_profile(workdir)
     prefix = new_prefix()
     cmd = [str(SNAKEMAKE), "-s", str(snakefile), "--directory", str(workdir)]
     if configfile is not None:

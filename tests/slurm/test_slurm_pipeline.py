@@ -5,8 +5,9 @@ scheduling and Snakemake start-up on a 2-core machine:
 - every rule after the data stage runs as a SLURM job (plugin logs + `squeue --states=all`);
 - the AmorLIP run trains on 2 ranks started by `srun` (an MPI-style job), world size 2 on gloo;
 - mid-training the job gets `scancel --signal=USR1` (what `--signal=USR1@T` does before a time
-  limit): the ranks checkpoint and exit with the requeue code, Snakemake's `retries` resubmit the
-  job, and the new job resumes from that checkpoint and finishes;
+  limit): the ranks checkpoint and exit with the requeue code (Snakemake's job log shows exit
+  status 75, not 143), Snakemake's `retries` resubmit the job, and the new job resumes from that
+  checkpoint and finishes;
 - the outputs are the files a local run writes (tests/test_pipeline_e2e.py checks the same ones).
 A second test shows a failing job is reported as failed and Snakemake exits non-zero, not hangs.
 """
@@ -39,6 +40,10 @@ def _complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoints/step-*/complete"))
 
 
+# the waits below (first checkpoint, the DAG, the dry run) govern, not pytest-timeout's 900 s: a
+# pytest-timeout kill would leave the test's SLURM jobs running; on 2 loaded cores the DAG and the
+# shared data fixture can take more than 15 minutes together
+@pytest.mark.timeout(1900)
 def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, slurm_tiny_data: Path) -> None:
     copy_data(slurm_tiny_data, tmp_path)
     config = tmp_path / "config.yaml"
@@ -73,6 +78,11 @@ def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, slurm_tiny_data:
     # the signalled train job stopped with the requeue code (FAILED); its retry completed
     train_states = {j["id"]: j["state"] for j in by_rule["rule_train_run"]}
     assert train_states.pop(first_job) == "FAILED", by_rule["rule_train_run"]
+    # ... and the code Snakemake saw in that job is 75 from srun, not the 143/137 of a rank that
+    # srun's --kill-on-bad-exit terminated while its peer left first
+    failed_log = next((logs / "rule_train_run").rglob(f"{first_job}.log")).read_text()
+    assert "non-zero exit status 75" in failed_log, failed_log[-4000:]
+    assert not any(f"exit status {code}" in failed_log for code in (137, 143)), failed_log[-4000:]
     assert list(train_states.values()) == ["COMPLETED"], by_rule["rule_train_run"]
     assert all(j["state"] == "COMPLETED" for r, js in by_rule.items() if r != "rule_train_run" for j in js)
 

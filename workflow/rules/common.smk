@@ -12,9 +12,16 @@ sys.path.insert(0, workflow.basedir)
 # Jobs call `amorlip`: use the one installed beside this Snakemake's interpreter (.venv/bin), so
 # `.venv/bin/snakemake ...` works without activating the venv (also inside SLURM jobs).
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-from amorlip.config import ConfigError, expand_runs, load_config, tracking_uri  # noqa: E402
+from amorlip.config import ConfigError, expand_runs, load_config, read_config_file, tracking_uri  # noqa: E402
+from amorlip.evaluate.suites import datacomp_suite  # noqa: E402
+from amorlip.fileio import file_sha256  # noqa: E402
 
 try:
+    # Snakemake parsed these files already, but leniently: it keeps the last of two equal keys and
+    # accepts alias bombs. Re-reading them with amorlip's parser gives the same refusals and messages
+    # as `amorlip validate` (duplicate key and line, alias expansion cap), before anything walks them.
+    for _configfile in workflow.configfiles:
+        read_config_file(_configfile)
     _validated = load_config(dict(config))
 except ConfigError as _exc:
     raise WorkflowError(str(_exc)) from None
@@ -51,6 +58,8 @@ def _write_resolved_config():
 # would re-download the data and retrain every run. A rule's `params.settings` is instead a
 # digest of only the settings its output depends on (see settings_digest).
 CONFIG_FILE = _write_resolved_config()
+# sha256 of each url list, keyed by its stat: a multi-GB list is hashed once per change, not per run
+URL_LIST_DIGESTS = os.path.join(RESULTS, ".configs", "url-list-digests.json")
 
 
 def settings_digest(*parts):
@@ -64,18 +73,53 @@ def settings_digest(*parts):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def url_list_input(wc):
+    """The url list file of a url-list dataset, as an input of rule `source`.
+
+    `ancient`: its modification time alone never reruns anything (copying or touching a CC12M list
+    must not re-download it); its content reaches the jobs through dataset_settings instead.
+    """
+    ds = config["datasets"][wc.dataset]
+    return [ancient(ds["url_list"])] if ds["source"] == "url_list" else []
+
+
 def dataset_settings(wc):
-    return settings_digest(config["datasets"][wc.dataset])
+    """The dataset's config block plus, for a url list, a digest of the list's content: editing the
+    file (rows appended, urls fixed) rebuilds the dataset and what follows even though its path, the
+    only thing the config holds, is unchanged."""
+    ds = config["datasets"][wc.dataset]
+    content = file_sha256(ds["url_list"], cache=URL_LIST_DIGESTS) if ds["source"] == "url_list" else None
+    return settings_digest(ds, content)
 
 
 def run_settings(wc):
     return settings_digest(RUNS[wc.run].to_dict())
 
 
+def datacomp_sets():
+    """What DataComp eval sets are on disk: every file of every task folder, with size and mtime.
+
+    The sets are not Snakemake inputs (a missing task is reported as missing, not an error), so
+    without this a set downloaded after a first evaluation would never be evaluated. A stat of a few
+    hundred files; the evaluation never writes into these folders.
+    """
+    found = []
+    for task in datacomp_suite(config["evaluation"]["datacomp_root"]).tasks:
+        for folder, dirs, files in os.walk(task.path):
+            dirs.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                found.append((os.path.relpath(os.path.join(folder, name), task.path), task.key,
+                              st.st_size, st.st_mtime_ns))
+    return found
+
+
 def evaluation_settings(wc):
     """Beyond its inputs (model.pt, which a changed run retrains, and the suite's files), an
-    evaluation's numbers depend on where the DataComp sets live; batch size and workers change speed only."""
-    return settings_digest(wc.suite, config["evaluation"]["datacomp_root"])
+    evaluation's numbers depend on where the DataComp sets live and which of them are there;
+    batch size and workers change speed only."""
+    sets = datacomp_sets() if wc.suite == "datacomp" else None
+    return settings_digest(wc.suite, config["evaluation"]["datacomp_root"], sets)
 
 
 wildcard_constraints:

@@ -2,6 +2,8 @@
 
 
 rule source:
+    input:
+        url_list=url_list_input,
     output:
         urls=f"{RESOURCES}/{{dataset}}/urls.parquet",
     params:
@@ -30,6 +32,11 @@ rule download:
         "amorlip download --config {CONFIG_FILE:q} --dataset {wildcards.dataset:q} --urls {input.urls:q} --out {output.shards:q} > {log:q} 2>&1"
 
 
+# What the index step does to the shards; a new value re-indexes data built before it
+# (2: every tar rewritten in key order, manifest.json with samples_sha256).
+INDEX_FORMAT = 2
+
+
 rule index:
     input:
         shards=rules.download.output.shards,
@@ -37,7 +44,7 @@ rule index:
         sizes=f"{DATA}/{{dataset}}/sizes.json",
         manifest=f"{DATA}/{{dataset}}/manifest.json",
     params:
-        settings=dataset_settings,
+        settings=lambda wc: settings_digest(config["datasets"][wc.dataset], INDEX_FORMAT),
     log:
         f"{LOGS}/index/{{dataset}}.log",
     benchmark:

@@ -16,6 +16,11 @@ rule evaluate_run:
         metrics=f"{RESULTS}/{{run}}/{{suite}}.json",
     params:
         settings=evaluation_settings,
+    # One CPU for the process that runs the model, plus one per loader worker
+    # (evaluation.workers), so decoding never competes with the model for a core. On a GPU the
+    # device comes from the job's allocation (amorlip.devices.eval_device). A profile may override.
+    resources:
+        cpus_per_task=config["evaluation"]["workers"] + 1,
     log:
         f"{LOGS}/evaluate/{{run}}/{{suite}}.log",
     benchmark:
