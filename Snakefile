@@ -1,4 +1,4 @@
-# amorlip DAG (see DESIGN.md):
+# amorlip DAG (see docs/architecture.md):
 #   source -> download (img2dataset) -> index -> train -> export -> evaluate x suite -> report
 # Targets: data, train, evaluate, report, all (default).
 from snakemake.utils import min_version

@@ -1,12 +1,12 @@
 """Lambda networks (the amortized log-partition functions), their EMA and their per-epoch life cycle.
 
-Per modality there are three nets (method notes 1.3, 1.5):
+Per modality there are three nets (docs/method.md, "The lambda nets' life cycle per epoch"):
 - ``online``: trained in Stage I by Adam on detached features against the detached (mixed) target;
 - ``ema``: the target net of paper Eq. 11, ``theta_hat <- alpha theta_hat + (1 - alpha) theta``;
 - ``prev``: a frozen copy of the EMA net at the end of the previous epoch, mixed into the targets
   (paper Eq. 12).
 
-At the start of every epoch (notes 1.5.3, Alg. 1 line 4, pitfall 7), in this order: prev <- EMA;
+At the start of every epoch (paper Alg. 1 line 4), in this order: prev <- EMA;
 then, on re-init epochs, the online nets get fresh random weights, EMA <- online, and a fresh Adam
 (lr: ``amorlip.tasks.lambda_adam_lr``). The fresh weights come from a generator seeded by
 (seed, epoch, modality), so a resumed run re-creates the same nets.
@@ -30,11 +30,11 @@ MODALITIES = ("image", "text")
 
 
 class LambdaNet(nn.Module):
-    """Residual MLP ``psi -> log lambda(psi)`` exactly as the authors' ``ResidualMLP`` (notes 1.3).
+    """Residual MLP ``psi -> log lambda(psi)`` exactly as the authors' ``ResidualMLP`` (paper Sec. 3.3).
 
     a = LN_h(ReLU(W1 x)); b = LN_d(ReLU(W2 a)); c = ReLU(b + x); out = W3 c (squeezed to ``[B]``).
-    Positivity of lambda comes from reading the output as a log (notes 1.2): no softplus, no clamp.
-    Inputs are detached and the forward runs in fp32 with autocast disabled (notes 1.3, pitfall 2).
+    Positivity of lambda comes from reading the output as a log: no softplus, no clamp.
+    Inputs are detached and the forward runs in fp32 with autocast disabled (docs/method.md, "Numerics").
     Initialisation is PyTorch's default (Kaiming-uniform Linear, LayerNorm (1, 0)), drawn from
     ``generator`` when given, without touching the global RNG.
     """
@@ -142,7 +142,7 @@ class LambdaState:
         return torch.optim.Adam(self.online.parameters(), lr=self.lr, foreach=True)
 
     def start_epoch(self, epoch: int, reinit: bool = True) -> None:
-        """Per-epoch life cycle, in the order of notes 1.5.3 / pitfall 7.
+        """Per-epoch life cycle (paper Alg. 1 line 4), in the order docs/method.md gives.
 
         prev <- copy(EMA) first (the net trained during the last epoch); then, if ``reinit``: online
         <- fresh random weights (seeded by (seed, epoch)), EMA <- copy(new online), fresh Adam.

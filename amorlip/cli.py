@@ -226,6 +226,22 @@ def cmd_demo_summary(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from amorlip.diagnostics import DiagnoseError, diagnose, format_table
+    from amorlip.train.export import ModelFileError
+
+    config = _config(args)
+    out = args.out or os.path.join(config["paths"]["runs"], args.run, "amortization.json")
+    try:
+        with output_lock(out):
+            report = diagnose(config, args.run, probe=args.probe, out=out, seed=args.seed, device=args.device)
+    except (DiagnoseError, ModelFileError) as exc:  # names the run and the fix: no traceback needed
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    return 0
+
+
 def _dataset(config: dict, name: str) -> str:
     if name not in config["datasets"]:
         raise ConfigError(f"config error: unknown dataset '{name}' (defined: {', '.join(config['datasets'])})")
@@ -277,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(add("report", cmd_report, "summary.csv / summary.md / plots, logged to the MLflow parent run"))
     with_config(add("demo-summary", cmd_demo_summary, "print where the demo's results are"))
+
+    sp = with_config(add("diagnose", cmd_diagnose, "amortization diagnostics of runs/{run}/model.pt's lambda nets"))
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--probe", type=int, default=2048, help="training samples in the probe set (default 2048)")
+    sp.add_argument("--out", default=None, help="JSON to write (default runs/{run}/amortization.json; PNG beside)")
+    sp.add_argument("--seed", type=int, default=None, help="probe and in-batch seed (default: the run's seed)")
+    sp.add_argument("--device", default="cpu", help="torch device for the embedding (default cpu)")
 
     ml = sub.add_parser("mlflow", help="MLflow helpers").add_subparsers(dest="mlflow_command", required=True)
     sp = ml.add_parser("init", help="create the pipeline's parent run")

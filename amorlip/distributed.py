@@ -133,7 +133,7 @@ def free_port() -> int:
 
 
 def prepare_deepspeed_cpu() -> None:
-    """Avoid DeepSpeed's two 2-minute CPU JIT builds (env-python.md section 2)."""
+    """Avoid DeepSpeed's two 2-minute CPU JIT builds of its C++ ops (on machines without CUDA)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.ops

@@ -3,6 +3,8 @@
 Every output a Snakemake rule, a resumed run or a report reads is written to a temporary file
 beside its final path and renamed into place (``os.replace`` is atomic on one file system), so a
 kill at any moment leaves either the old file or the new one, never a torn one that looks done.
+Append-only JSONL files (``metrics.jsonl``) are the exception: :func:`read_jsonl` reads them
+whatever a kill left.
 """
 
 from __future__ import annotations
@@ -76,6 +78,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
     (``allow_nan=False`` where a NaN must fail loudly rather than land as a non-JSON token)."""
     dumps_kwargs.setdefault("indent", 2)
     atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file, one per line; ``[]`` when the file does not exist.
+
+    Blank lines and lines that do not parse are skipped: an append-only file (``metrics.jsonl``)
+    can end in a line cut by a kill, and the records before it are still worth reading.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def file_sha256(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:

@@ -2,7 +2,7 @@
 
 The tiny configs (``amorlip/model_configs/*.json``) are registered with open_clip's own registry, so
 ``open_clip.create_model("amorlip-demo")`` works anywhere this module was imported; exported weights
-load into a plain open_clip model (DESIGN.md: ``runs/{run}/model.pt``).
+load into a plain open_clip model (``runs/{run}/model.pt``, docs/architecture.md).
 """
 
 from __future__ import annotations

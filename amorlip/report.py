@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from amorlip.config import RunConfig, expand_runs, tracking_uri
-from amorlip.fileio import atomic_path, atomic_write_text
+from amorlip.fileio import atomic_path, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ def _read_json(path: Path) -> dict | None:
     return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash; the rest is still worth plotting
-    return rows
-
-
 def collect(config: Mapping[str, Any]) -> dict[str, dict]:
     """Per run: its RunConfig, train.json, metrics.jsonl records and ``{suite: results}``."""
     runs_dir, results_dir = Path(config["paths"]["runs"]), Path(config["paths"]["results"])
@@ -77,7 +65,7 @@ def collect(config: Mapping[str, Any]) -> dict[str, dict]:
         out[name] = {
             "config": run,
             "train": _read_json(runs_dir / name / "train.json") or {},
-            "curve": _read_jsonl(runs_dir / name / "metrics.jsonl"),
+            "curve": read_jsonl(runs_dir / name / "metrics.jsonl"),
             "suites": {s: _read_json(results_dir / name / f"{s}.json") for s in config["evaluation"]["suites"]},
         }
     return out

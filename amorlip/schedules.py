@@ -13,8 +13,8 @@ def beta_for_epoch(epoch: int, beta_max: float, beta_epochs: int) -> float:
     """Mixing weight of the previous-epoch net (paper Eq. 12, code ``get_cosine_ema_beta``).
 
     ``beta_e = beta_T - beta_T (1 + cos(pi e / T)) / 2`` for e < T, then constant beta_T; evaluated
-    per epoch (a step function), with T = ``beta_epochs`` (the authors' ``--beta_decay_epochs``,
-    notes 1.5.2 / 1.8.3). beta_0 = 0, so epoch 0 regresses on the in-batch sums alone.
+    per epoch (a step function), with T = ``beta_epochs`` (the authors' ``--beta_decay_epochs``;
+    docs/method.md, "Mixing with the previous epoch's net"). beta_0 = 0, so epoch 0 regresses on the in-batch sums alone.
     """
     if epoch >= beta_epochs:
         return float(beta_max)

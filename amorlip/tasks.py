@@ -5,7 +5,7 @@ task owns what the method adds. ``task.model`` may be swapped for a DeepSpeed en
 ever called as ``self.model(images, texts)`` and must return a dict with ``image_features``,
 ``text_features`` (L2-normalised), ``logit_scale`` (= s) and, for SigLIP, ``logit_bias``.
 
-The AmorLIP step follows method notes 1.7 (steps 6-12 without the encoder backward) and pitfall 6:
+The AmorLIP step follows docs/method.md, "One training step, in order" (without the encoder backward):
 forward once; no-grad global targets; mix with the previous-epoch net; Stage I (lambda Adam steps on
 the same, detached features); read Lambda for the encoder; EMA update; the encoder loss.
 """
@@ -63,7 +63,7 @@ class _Task:
         raise NotImplementedError
 
     def after_encoder_step(self) -> None:
-        """Clamp log s to [0, ln max_logit_scale] after every optimiser step (notes 1.5.6)."""
+        """Clamp log s to [0, ln max_logit_scale] after every optimiser step (docs/method.md, "Temperature")."""
         clamp_logit_scale_(self.model, self.run.max_logit_scale)
 
     def training_step(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int,
@@ -119,7 +119,7 @@ class SiglipTask(_Task):
 
 
 class AmorlipTask(_Task):
-    """AmorLIP: lambda nets amortize the log-partition functions (notes 1.7).
+    """AmorLIP: lambda nets amortize the log-partition functions (docs/method.md).
 
     ``run.amorlip.encoder_partition`` picks the variant's Lambda: ``mixed_target`` (published code,
     ``--fit_w_prev``: the mixed target Z_comb itself) or ``ema_net`` (paper Eq. 6: the EMA net,
@@ -164,7 +164,7 @@ class AmorlipTask(_Task):
         p = am.pos_coef
         out = self._features(images, texts)
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        # detach point: the lambda side only ever sees these (pitfall 3)
+        # detach point: the lambda side only ever sees these (docs/method.md, "Numerics")
         x_bar, y_bar = img.detach().float(), txt.detach().float()
         s_bar = as_fp32_scale(scale, x_bar.device).detach()
 
@@ -192,7 +192,7 @@ class AmorlipTask(_Task):
             self.last_lambda_loss = self.lambdas.fit(x_bar, y_bar, stage_one_loss, am.t_lambda)
             updates = am.t_lambda
 
-        # read the EMA net after this step's lambda updates and before its EMA update (notes 1.6)
+        # read the EMA net after this step's lambda updates and before its EMA update (paper Alg. 1 lines 7-9)
         ema_img, ema_txt = self.lambdas.predict("ema", x_bar, y_bar)
         if am.encoder_partition == "mixed_target":
             lambda_img, lambda_txt = log_z_img, log_z_txt

@@ -116,13 +116,15 @@ def read_parent(config: Mapping[str, Any]) -> dict:
         return {}
 
 
+def git_tags() -> dict[str, str]:
+    """The commit tags of every run (ours and MLflow's own key); empty outside a git checkout."""
+    commit = git_commit()
+    return {"git.commit": commit, "mlflow.source.git.commit": commit} if commit else {}
+
+
 def standard_tags(kind: str) -> dict[str, str]:
     """Tags every child run carries: job kind, Snakemake rule, git commit, SLURM job id."""
-    tags = {"amorlip.kind": kind, "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", kind)}
-    commit = git_commit()
-    if commit:
-        tags["git.commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
+    tags = {"amorlip.kind": kind, "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", kind), **git_tags()}
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
@@ -334,11 +336,8 @@ def init_pipeline(config: Mapping[str, Any], out: str | os.PathLike) -> dict:
     try:
         client = mlflow_client(uri)
         exp_id = ensure_experiment(client, config["mlflow"]["experiment"], store_artifact_location(uri))
-        tags = {"amorlip.kind": "pipeline", "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", "mlflow_init")}
-        commit = git_commit()
-        if commit:
-            tags["git.commit"] = commit
-            tags["mlflow.source.git.commit"] = commit
+        tags = {"amorlip.kind": "pipeline", "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", "mlflow_init"),
+                **git_tags()}
         run = client.create_run(exp_id, tags=tags, run_name=config["name"])
         record.update(run_id=run.info.run_id, experiment_id=exp_id)
         log.info("MLflow parent run %s (experiment %s) at %s", run.info.run_id, exp_id, uri)

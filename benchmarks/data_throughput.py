@@ -1,4 +1,4 @@
-"""Data throughput: img2dataset from the loopback server, and the training loader vs a step (issue 7, item 3).
+"""Data throughput: img2dataset from the loopback server, and the training loader vs a step (benchmarks/RESULTS.md, section 3).
 
 1. **Download.** A generated folder of JPEG images (the demo's 64 px size) and a ``urls.parquet`` of
    their relative paths go through :func:`amorlip.data.download.download`, i.e. the loopback HTTP

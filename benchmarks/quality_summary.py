@@ -1,4 +1,4 @@
-"""Quality at small batch (issue 7, item 4): mean +- std over seeds of the held-out suite's mean main metric.
+"""Quality at small batch (benchmarks/RESULTS.md, section 4): mean +- std over seeds of the held-out suite's mean main metric.
 
 Reads what the pipeline wrote for the sweep of ``config/bench-quality.yaml`` (``results/{run}/{suite}.json``
 through :func:`amorlip.report.collect`, the report's own reader), groups runs by method / variant and

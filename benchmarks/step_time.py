@@ -1,4 +1,4 @@
-"""AmorLIP vs CLIP step time in our trainer (issue 7, item 1; paper Table 2).
+"""AmorLIP vs CLIP step time in our trainer (benchmarks/RESULTS.md, section 1; paper Table 2).
 
 Setting: the demo's model (``amorlip-demo``) and run defaults (config/config.yaml), batch 64, one
 process, CPU, fp32, DeepSpeed ZeRO-1 on a 1-rank gloo group. Each contender is a real

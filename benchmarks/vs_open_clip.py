@@ -1,4 +1,4 @@
-"""Our trainer vs open_clip's own (``open_clip_train.main``): images/s on the same work (issue 7, item 2).
+"""Our trainer vs open_clip's own (``open_clip_train.main``): images/s on the same work (benchmarks/RESULTS.md, section 2).
 
 Both programs train the same model config (``amorlip-demo``, registered for open_clip by
 ``benchmarks.open_clip_launcher``) with the CLIP loss, on the same webdataset shards, at the same

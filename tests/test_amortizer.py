@@ -1,4 +1,4 @@
-"""Lambda nets: architecture (notes 1.3), EMA (Eq. 11) and the per-epoch life cycle (1.5.3, pitfall 7)."""
+"""Lambda nets: architecture (paper Sec. 3.3), EMA (Eq. 11) and the per-epoch life cycle (Alg. 1 line 4)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_lambda_net_is_the_residual_mlp_of_the_notes(dim, factor):
 
 
 def test_lambda_net_parameter_count_matches_the_notes():
-    # notes 1.3: d = 512, h = 512 -> 527,873 parameters per modality
+    # the authors' ResidualMLP: d = 512, h = 512 -> 527,873 parameters per modality
     assert sum(p.numel() for p in LambdaNet(512, 1.0).parameters()) == 527_873
 
 
@@ -103,7 +103,7 @@ def test_start_epoch_order_prev_is_old_ema_then_fresh_online_ema_and_adam():
     old_ema, old_online = state_copy(state.ema), state_copy(state.online)
     assert len(state.optimizer.state) > 0
     state.start_epoch(1)
-    assert same(state_copy(state.prev), old_ema)  # prev <- EMA *before* the re-init (pitfall 7)
+    assert same(state_copy(state.prev), old_ema)  # prev <- EMA *before* the re-init (docs/method.md, life cycle)
     new_online = state_copy(state.online)
     assert not same(new_online, old_online)
     for m in MODALITIES:  # the re-init is PyTorch's default init drawn from the (seed, epoch) stream

@@ -17,6 +17,7 @@ from amorlip.fileio import (
     atomic_write_text,
     file_sha256,
     output_lock,
+    read_jsonl,
 )
 
 
@@ -117,3 +118,10 @@ def test_a_second_writer_of_the_same_output_fails_naming_the_first(tmp_path, cap
         holder.wait()
     with output_lock(target):
         pass
+
+
+def test_read_jsonl_skips_blank_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_jsonl(path) == []  # no file yet
+    path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')  # a kill cut the last append
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]

@@ -1,6 +1,6 @@
 """The objectives against float64 re-derivations written from the method's equations.
 
-References use explicit sums/loops in float64 (method notes 1.1, 1.4, 1.6; open_clip ClipLoss and
+References use explicit sums/loops in float64 (docs/method.md; open_clip ClipLoss and
 SigLipLoss for the baselines); the implementation under test is fp32 and log-space.
 """
 
@@ -136,7 +136,7 @@ def test_encoder_loss_value_and_gradients(b, d, s, p):
 
 @pytest.mark.parametrize("s", SCALES)
 def test_encoder_gradient_equals_summed_infonce_at_the_exact_partition(s):
-    # notes 1.1 [I]: with p = 1 and Lambda = the in-batch sums, grad L_enc = grad (both InfoNCE directions)
+    # docs/method.md (Eq. 6): with p = 1 and Lambda = the in-batch sums, grad L_enc = grad (both InfoNCE directions)
     x0, y0 = unit(12, 16, 10), unit(12, 16, 11)
     x1, y1 = x0.float().requires_grad_(), y0.float().requires_grad_()
     s1 = torch.tensor(s, requires_grad=True)
@@ -226,7 +226,7 @@ def test_lambda_loss_l2_log():
 
 
 def ref_kl(f, t, x, y, s, p, reg):
-    # code form (notes 1.4): reg * MSE + (1/|B|^2) sum_i c_i (log Z_i - f_i) e^{-f_i}, c_i local in-batch sum
+    # the authors' kl_div_asym: reg * MSE + (1/|B|^2) sum_i c_i (log Z_i - f_i) e^{-f_i}, c_i local in-batch sum
     b = len(f)
     mse = sum((f[i] - t[i]) ** 2 for i in range(b)) / b
     div = 0.0

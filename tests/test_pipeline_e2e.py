@@ -2,7 +2,7 @@
 
 Runs the real Snakemake, the real `amorlip` commands (img2dataset against the loopback server,
 DeepSpeed on gloo, clip_benchmark, MLflow on SQLite) in a scratch working directory, then checks
-the file contracts of DESIGN.md and the MLflow parent/child structure.
+the file contracts of docs/architecture.md and the MLflow parent/child structure.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Schedules as specified in the method notes (1.5.2, 1.5.4, 1.7, 1.8.4)."""
+"""Schedules as specified in docs/method.md and docs/variants.md (beta ramp, rho segments, cadences, lr)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_beta_cosine_ramp_per_epoch():
 
 
 def test_rho_segments_of_the_published_command():
-    # notes 1.8.4: [8.5, -8.5, -8.5] over 33 epochs -> +8.5 for epochs 0-10, -8.5 for 11-32
+    # docs/variants.md (rho): [8.5, -8.5, -8.5] over 33 epochs -> +8.5 for epochs 0-10, -8.5 for 11-32
     schedule = epoch_schedule([8.5, -8.5, -8.5], 33)
     assert schedule == [8.5] * 11 + [-8.5] * 22
     assert [rho_for_epoch(e, [8.5, -8.5, -8.5], 33) for e in (0, 10, 11, 32)] == [8.5, 8.5, -8.5, -8.5]

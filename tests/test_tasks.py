@@ -153,7 +153,7 @@ def test_published_variant_uses_the_mixed_target_and_rescales(base_run):
         x, y, s = feats["image_features"], feats["text_features"], feats["logit_scale"]
         prev_img, prev_txt = task.lambdas.predict("prev", x, y)
     out = task.training_forward(images, texts, 0)
-    # float64 re-derivation of Eq. 12 mixed in linear space, then the encoder loss of notes 1.6
+    # float64 re-derivation of Eq. 12 mixed in linear space, then the encoder loss of paper Eq. 6 (docs/method.md)
     x64, y64, s64, p = x.double(), y.double(), s.double(), run.amorlip.pos_coef
     e = torch.exp(s64 * x64 @ y64.T) * (torch.ones(32, 32, dtype=torch.float64) + (p - 1) * torch.eye(32, dtype=torch.float64))
     lam_img = beta * prev_img.double().exp() + (1 - beta) * e.sum(1)

@@ -32,7 +32,7 @@ from amorlip.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-# Varied phrasings so the text tower cannot key on one fixed template (DESIGN "Data for the demo").
+# Varied phrasings so the text tower cannot key on one fixed template. Held-out evaluation uses another art style (docs/architecture.md).
 CAPTION_TEMPLATES = (
     "an emoji of {name}",
     "a {short} icon",

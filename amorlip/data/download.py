@@ -51,6 +51,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from amorlip.data import IMAGE_EXTENSIONS
 from amorlip.data.loopback import LoopbackFileServer
 from amorlip.data.reshard import canonicalize_shards
 from amorlip.fileio import atomic_write_json, atomic_write_text
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 URL_COL = "url"
 CAPTION_COL = "caption"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # columns img2dataset writes itself and refuses in save_additional_columns
 _RESERVED_COLUMNS = {"key", "caption", "url", "width", "height", "original_width", "original_height",
                      "status", "error_message", "exif", "md5", "sha256", "sha512"}

@@ -66,9 +66,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from amorlip.data import IMAGE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _WANTED = frozenset((*IMAGE_EXTENSIONS, "txt"))
 SHUFFLE_BUFFER = 1000
 # img2dataset already resized every image; anything far larger is hostile, not data

@@ -34,11 +34,11 @@ import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from amorlip.data import IMAGE_EXTENSIONS
 from amorlip.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _MODE = 0o444
 
 

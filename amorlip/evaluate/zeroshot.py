@@ -30,9 +30,10 @@ from clip_benchmark.metrics import zeroshot_classification as zsc
 from clip_benchmark.metrics import zeroshot_retrieval as zsr
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
+from amorlip.data import IMAGE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 RECALL_K = (1, 5, 10)
 # DataComp main metrics computed from the per-sample metadata (.npy): metric -> (metadata column that
 # defines the groups, top-k). Column 0 is GeoDE's region, Dollar Street's income bucket and FMoW's

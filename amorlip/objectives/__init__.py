@@ -1,6 +1,6 @@
 """The training objectives: CLIP and SigLIP baselines and AmorLIP's amortized losses.
 
-Fixed interface (issue 3): all feature inputs are L2-normalised ``[B, D]`` tensors, ``logit_scale``
+Fixed interface: all feature inputs are L2-normalised ``[B, D]`` tensors, ``logit_scale``
 is s (not log s), results are fp32 whatever the input dtype, and ``group`` names the process group
 of the global batch (None = one process).
 """

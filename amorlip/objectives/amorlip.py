@@ -1,16 +1,16 @@
 """AmorLIP's objectives: partition targets, the amortized encoder loss and the lambda losses.
 
-Notation (method notes 1.1-1.6): x_i, y_j are L2-normalised image/text features, s is the logit
+Notation (docs/method.md, "Notation"): x_i, y_j are L2-normalised image/text features, s is the logit
 scale, p = ``pos_coef`` weights the matched pair inside every partition sum (w_ii = p, w_ij = 1
-otherwise; notes 1.5.8), and log lambda / log Lambda are log-partition estimates.
+otherwise; docs/method.md, "The positive weight pos_coef"), and log lambda / log Lambda are log-partition estimates.
 
-Everything stays in log space and fp32 (pitfalls 1-2): a partition sum is a logsumexp of the
+Everything stays in log space and fp32 (docs/method.md, "Numerics"): a partition sum is a logsumexp of the
 weighted logits ``s x.y + log w``, the mixture with the previous net is a logaddexp, and every
 encoder ratio is ``exp(s x.y + log w - log Lambda)`` -- never an exp followed by a division, which
 overflows fp32 once s x.y > 88.7.
 
 Multi-rank (``group`` with W > 1 ranks): a rank's local rows meet all global columns. Partition
-targets are global sums (the authors' ``--calculate_full``, pitfall 4). In :func:`encoder_loss` each
+targets are global sums (the authors' ``--calculate_full``). In :func:`encoder_loss` each
 rank computes its local image rows against all global texts (C_I) and its local text rows against
 all global images (C_T); features are gathered with gradient, so gradients return to their owner.
 The scaling is: sum over ranks of the per-rank losses = W x the single-process loss on the
@@ -54,7 +54,7 @@ def weighted_logits(
         image_rows = s * (x @ gather(txt, group).float().T)
         text_rows = s * (y @ gather(img, group).float().T)
     if pos_coef != 1.0:
-        # the matched pair's weight p enters as log p on its logit (notes 1.5.8)
+        # the matched pair's weight p enters as log p on its logit (docs/method.md, "Notation")
         rows = torch.arange(batch, device=x.device)
         cols = rows + row_offset(batch, group)
         log_p = torch.tensor(math.log(pos_coef), dtype=torch.float32, device=x.device)
@@ -71,10 +71,10 @@ def partition_targets(
     pos_coef: float = 1.0,
     group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad log partition sums over the global batch (notes 1.4, ``LogTargetCollector``).
+    """No-grad log partition sums over the global batch (the authors' ``LogTargetCollector``).
 
     ``log_z_img[i] = log sum_j w_ij exp(s x_i.y_j)`` and ``log_z_txt[j] = log sum_i w_ij exp(s x_i.y_j)``,
-    each ``[B]`` for the local rows, fp32. Sums, not means (pitfall 4).
+    each ``[B]`` for the local rows, fp32. Sums, not means, as the authors' code computes them.
     """
     image_rows, text_rows = weighted_logits(
         img.detach(), txt.detach(), as_fp32_scale(logit_scale, img.device).detach(),
@@ -85,7 +85,7 @@ def partition_targets(
 
 @torch.no_grad()
 def mix_log_targets(log_target: torch.Tensor, log_prev: torch.Tensor, beta: float) -> torch.Tensor:
-    """``log(beta exp(log_prev) + (1 - beta) exp(log_target))`` in log space (paper Eq. 12, pitfall 1).
+    """``log(beta exp(log_prev) + (1 - beta) exp(log_target))`` in log space (paper Eq. 12).
 
     The authors mix in linear space; the logaddexp form is the same number without overflow.
     beta = 0 returns the target and beta = 1 the previous net exactly (no log 0).
@@ -110,7 +110,7 @@ def encoder_loss(
     pos_coef: float = 1.0,
     group=None,
 ) -> torch.Tensor:
-    """Stage II loss (paper Eq. 6, code form of notes 1.6), fp32 scalar.
+    """Stage II loss (paper Eq. 6 in the authors' code form; docs/method.md, "Encoder loss"), fp32 scalar.
 
     ``L = -2 s mean_i x_i.y_i + mean_i sum_j w_ij exp(s x_i.y_j - log Lambda^I_i)
     + mean_j sum_i w_ij exp(s x_i.y_j - log Lambda^T_j)``.
@@ -119,7 +119,7 @@ def encoder_loss(
     gradients flow into ``img``, ``txt`` and ``logit_scale``. Multi-rank: per-rank loss as in the
     module docstring (sum over ranks = W x single-process loss on the concatenated batch).
     With ``pos_coef = 1`` and Lambda equal to the in-batch sums, the encoder gradient equals that of
-    the *sum* of the two InfoNCE directions, i.e. 2 x the CLIP loss gradient (notes 1.1 [I]).
+    the *sum* of the two InfoNCE directions, i.e. 2 x the CLIP loss gradient.
     """
     s = as_fp32_scale(logit_scale, img.device)
     image_rows, text_rows = weighted_logits(img, txt, s, pos_coef, group, gather=gather_with_grad)

@@ -1,4 +1,4 @@
-"""CLIP's symmetric InfoNCE with global negatives (method notes 1.1, their Eq. 3).
+"""CLIP's symmetric InfoNCE with global negatives (paper Eq. 3; open_clip's ``ClipLoss``).
 
 The value is open_clip's ``ClipLoss`` (mean of the image->text and text->image cross-entropies),
 computed as open_clip does with ``local_loss=True, gather_with_grad=True``: each rank scores its

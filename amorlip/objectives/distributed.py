@@ -9,7 +9,7 @@ the global columns.
 Features that need a gradient travel with :func:`gather_with_grad` (``torch.distributed.nn``'s
 autograd-aware all-gather, as open_clip's ``gather_features(gather_with_grad=True)``): in the
 backward pass each rank receives the sum, over all ranks' losses, of the gradient of its own
-features (method notes 1.6 / pitfall 5: "gradients return to their owner").
+features: gradients return to their owner (docs/method.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group=None) -> None:
     """Average ``tensors`` in place over the ranks of ``group`` (no-op for one process).
 
     Used for the lambda nets' gradients, so that the nets stay identical on every rank the way DDP
-    would keep them (method notes pitfall 5).
+    would keep them (docs/variants.md, "Multi-rank").
     """
     size = world_size(group)
     if size == 1 or not tensors:

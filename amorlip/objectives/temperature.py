@@ -1,4 +1,4 @@
-"""Temperature handling shared by the objectives (method notes 1.5.6 and pitfall 8).
+"""Temperature handling shared by the objectives (docs/method.md, "Temperature").
 
 AmorLIP follows FastCLIP-v3: the loss is rescaled to ``loss / sg(s) + rho / s`` so that rho steers
 the learnable scale s (rho > 0 pushes s up, rho < 0 down), and log s is clamped to
@@ -15,7 +15,7 @@ from amorlip.objectives.clip import as_fp32_scale
 
 
 def rescale_loss(loss: torch.Tensor, logit_scale: torch.Tensor | float, rho: float) -> torch.Tensor:
-    """``loss / sg(s) + rho / s``: s is detached in the divisor only (pitfall 3), not in rho/s."""
+    """``loss / sg(s) + rho / s``: s is detached in the divisor only, not in rho/s (paper App. C)."""
     s = as_fp32_scale(logit_scale, loss.device)
     return loss.float() / s.detach() + rho / s
 

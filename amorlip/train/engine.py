@@ -1,15 +1,15 @@
 """The DeepSpeed engine around an open_clip model: ZeRO stage, AdamW groups, precision, lr.
 
 Why a *client* ``torch.optim.AdamW`` rather than ``"optimizer"`` in the DeepSpeed config: the config
-route builds DeepSpeed's FusedAdam, a two-minute JIT compile on CPU (env-python.md section 2), and
-torch's AdamW is on ZeRO's supported list. The parameter groups are open_clip's (method notes 1.7):
+route builds DeepSpeed's FusedAdam, a two-minute JIT compile on CPU, and
+torch's AdamW is on ZeRO's supported list. The parameter groups are open_clip's (``open_clip_train/main.py``):
 no weight decay on gains and biases, and the logit scale (+ SigLIP's logit bias) in a group of its
 own whose lr may differ (``run.lr_logit_scale``, the authors' ``--lr_tau``).
 
 Precision: ``bf16`` runs the towers under ``torch.autocast`` (DeepSpeed's ``torch_autocast``
 section), so parameters, optimizer state, losses and the lambda nets stay fp32; the logit-scale
 clamp then acts on the real fp32 parameter. bf16 only on CUDA: on an AVX2 CPU it is 4-8x slower
-than fp32 (env-python.md, pitfall 12), so a CPU run falls back to fp32 and says so.
+than fp32 (no native bf16 arithmetic), so a CPU run falls back to fp32 and says so.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def build_engine(model: nn.Module, run: RunConfig, world):
 
 
 def lr_at(run: RunConfig, step: int, total_steps: int) -> dict[str, float]:
-    """lr per group at global ``step``: warmup + cosine for the encoders (notes 1.7 step 5).
+    """lr per group at global ``step``: warmup + cosine for the encoders (open_clip's ``cosine_lr``).
 
     The logit-scale group follows the same schedule unless ``run.lr_logit_scale`` is set, in which case
     it is constant (the authors' ``--lr_tau`` is not scheduled).

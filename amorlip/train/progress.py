@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from amorlip.fileio import atomic_write_text
+from amorlip.fileio import atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,8 @@ class MetricsFile:
             fh.write(json.dumps(record, default=_jsonable) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """Every record, skipping a line cut by a kill (:func:`amorlip.fileio.read_jsonl`)."""
+        return read_jsonl(self.path)
 
 
 def _step_of(line: str) -> int:

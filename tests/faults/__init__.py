@@ -1,1 +1,1 @@
-"""Fault-injection tests (issue 8): real kills, real corrupt data, real servers; see docs/failure-modes.md."""
+"""Fault-injection tests: real kills, real corrupt data, real servers; see docs/failure-modes.md."""
