@@ -299,6 +299,9 @@ class AmorlipConfig:
     reinit_every_epochs: int
     lambda_grad_clip: float | None
     divergence_bound: float
+    # defaulted: a model.pt exported before these settings existed still loads
+    encoder_negatives: str = "global"
+    local_warmup_steps: int = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +442,21 @@ def _check_semantics(config: dict, runs: Mapping[str, RunConfig], check_paths: b
             raise ConfigError(
                 f"config error at '{where}.amorlip.rho_epochs': {list(rho_epochs)} must give one epoch count per "
                 f"rho value ({len(run.amorlip.rho)}) summing to epochs ({run.epochs})"
+            )
+        am = run.amorlip
+        if run.method == "amorlip" and am.encoder_negatives == "local" and am.encoder_partition != "ema_net":
+            raise ConfigError(
+                f"config error at '{where}.amorlip.encoder_negatives': 'local' needs a Lambda from the lambda "
+                f"nets (encoder_partition: ema_net, the 'paper' variant), not '{am.encoder_partition}': the mixed "
+                "target contains the current global partition sum, which local negatives exist to avoid "
+                "gathering on every step; set variant: paper or encoder_partition: ema_net"
+            )
+        if (run.method == "amorlip" and am.encoder_negatives == "local" and run.world_size > 1
+                and run.batch_size < 2 * run.world_size):
+            raise ConfigError(
+                f"config error at '{where}.amorlip.encoder_negatives': 'local' scales the local off-diagonal "
+                f"sum by (G-1)/(B-1), which needs a local batch B >= 2; batch_size {run.batch_size} over "
+                f"{run.world_size} ranks gives B = {run.batch_size // run.world_size}"
             )
         if run.batch_size % run.world_size:
             raise ConfigError(

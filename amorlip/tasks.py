@@ -22,6 +22,7 @@ from amorlip.amortizer import LambdaState
 from amorlip.config import RunConfig
 from amorlip.objectives.amorlip import (
     encoder_loss,
+    encoder_loss_local,
     lambda_loss,
     mix_log_targets,
     partition_targets,
@@ -124,6 +125,13 @@ class AmorlipTask(_Task):
     ``run.amorlip.encoder_partition`` picks the variant's Lambda: ``mixed_target`` (published code,
     ``--fit_w_prev``: the mixed target Z_comb itself) or ``ema_net`` (paper Eq. 6: the EMA net,
     read after this step's lambda updates and before this step's EMA update).
+
+    ``run.amorlip.encoder_negatives: local`` (docs/variants.md, "Local negatives") scores the local
+    B x B logits only (:func:`encoder_loss_local`) and computes the gathered partition targets on
+    Stage-I steps only, so a step between Stage-I updates runs no collective here. Lambda is the EMA
+    net, or the prev net for the first ``local_warmup_steps`` steps of a re-init epoch after epoch 0.
+    Its diagnostics ``log_target_mean``, ``lambda_gap`` and ``lambda_gap_prev`` exist on Stage-I
+    steps only (the trainer averages each metric over the steps that produced it).
     """
 
     method = "amorlip"
@@ -134,6 +142,12 @@ class AmorlipTask(_Task):
         am = run.amorlip
         if am.encoder_partition not in ("mixed_target", "ema_net"):
             raise ValueError(f"unknown encoder_partition {am.encoder_partition!r}")
+        if am.encoder_negatives not in ("global", "local"):
+            raise ValueError(f"unknown encoder_negatives {am.encoder_negatives!r}")
+        if am.encoder_negatives == "local" and am.encoder_partition != "ema_net":
+            raise ValueError("amorlip.encoder_negatives 'local' needs encoder_partition 'ema_net': the mixed "
+                             "target contains the current global partition sum, which local negatives avoid "
+                             "gathering on every step")
         self.config = am
         self.lambdas = LambdaState(
             embed_dim, hidden_factor=am.lambda_hidden_factor, lr=lambda_adam_lr(am, group),
@@ -168,16 +182,21 @@ class AmorlipTask(_Task):
         x_bar, y_bar = img.detach().float(), txt.detach().float()
         s_bar = as_fp32_scale(scale, x_bar.device).detach()
 
-        log_t_img, log_t_txt = partition_targets(x_bar, y_bar, s_bar, pos_coef=p, group=self.group)
+        local = am.encoder_negatives == "local"
+        stage_one = is_lambda_step(step_in_epoch, am.t_online)
+        # local negatives: the (gathered) partition targets exist only for Stage I
+        with_targets = stage_one or not local
         prev_img, prev_txt = self.lambdas.predict("prev", x_bar, y_bar)
-        if self.beta > 0.0:
-            log_z_img = mix_log_targets(log_t_img, prev_img, self.beta)
-            log_z_txt = mix_log_targets(log_t_txt, prev_txt, self.beta)
-        else:
-            log_z_img, log_z_txt = log_t_img, log_t_txt
+        if with_targets:
+            log_t_img, log_t_txt = partition_targets(x_bar, y_bar, s_bar, pos_coef=p, group=self.group)
+            if self.beta > 0.0:
+                log_z_img = mix_log_targets(log_t_img, prev_img, self.beta)
+                log_z_txt = mix_log_targets(log_t_txt, prev_txt, self.beta)
+            else:
+                log_z_img, log_z_txt = log_t_img, log_t_txt
 
         updates = 0
-        if is_lambda_step(step_in_epoch, am.t_online):
+        if stage_one:
             pair_img = pair_txt = None
             if am.lambda_loss != "l2_log":
                 with torch.no_grad():
@@ -196,33 +215,51 @@ class AmorlipTask(_Task):
         ema_img, ema_txt = self.lambdas.predict("ema", x_bar, y_bar)
         if am.encoder_partition == "mixed_target":
             lambda_img, lambda_txt = log_z_img, log_z_txt
+        elif self.uses_prev_lambda(step_in_epoch):
+            lambda_img, lambda_txt = prev_img, prev_txt
         else:
             lambda_img, lambda_txt = ema_img, ema_txt
         if is_ema_step(step_in_epoch, am.t_target):
             self.lambdas.update_ema()
 
-        enc = encoder_loss(img, txt, scale, lambda_img, lambda_txt, pos_coef=p, group=self.group)
+        if local:
+            enc = encoder_loss_local(img, txt, scale, lambda_img, lambda_txt, pos_coef=p,
+                                     global_batch=img.shape[0] * world_size(self.group))
+        else:
+            enc = encoder_loss(img, txt, scale, lambda_img, lambda_txt, pos_coef=p, group=self.group)
         loss = rescale_loss(enc, scale, self.rho) if am.scale_loss else enc
 
         # Diagnostics stay detached device tensors: the trainer reads them on logging steps only.
-        target_mean = 0.5 * (log_z_img.mean() + log_z_txt.mean())
-        # lambda_gap: the EMA net against what it regresses on; ~ -log Z right after each re-init.
-        # lambda_gap_prev: last epoch's net (the one mixed into this epoch's targets) against the fresh
-        # in-batch sums; small unless the lambda nets diverge, so it is the one to watch after epoch 0.
-        gap = 0.5 * ((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
-        gap_prev = 0.5 * ((prev_img.mean() - log_t_img.mean()) + (prev_txt.mean() - log_t_txt.mean()))
-        return {
+        out = {
             "loss": loss,
             "encoder_loss": enc.detach(),
             "lambda_loss": self.last_lambda_loss,
-            "lambda_gap": gap,
-            "lambda_gap_prev": gap_prev,
-            "log_target_mean": target_mean,
             "logit_scale": s_bar,
             "beta": self.beta,
             "rho": self.rho,
             "lambda_updates": updates,
         }
+        if with_targets:
+            # lambda_gap: the EMA net against what it regresses on; ~ -log Z right after each re-init.
+            # lambda_gap_prev: last epoch's net (the one mixed into this epoch's targets) against the fresh
+            # in-batch sums; small unless the lambda nets diverge, so it is the one to watch after epoch 0.
+            out["log_target_mean"] = 0.5 * (log_z_img.mean() + log_z_txt.mean())
+            out["lambda_gap"] = 0.5 * ((ema_img.mean() - log_z_img.mean()) + (ema_txt.mean() - log_z_txt.mean()))
+            out["lambda_gap_prev"] = 0.5 * ((prev_img.mean() - log_t_img.mean())
+                                            + (prev_txt.mean() - log_t_txt.mean()))
+        return out
+
+    def uses_prev_lambda(self, step_in_epoch: int) -> bool:
+        """Local negatives: Lambda is the prev net on the first ``local_warmup_steps`` steps of a re-init epoch.
+
+        A re-init epoch starts its EMA net from fresh weights (log lambda ~ 0, far below log Z); the
+        prev net is the last epoch's trained one. Epoch 0 has no trained prev net (it is a fresh net
+        too), so it reads the EMA net from the first step. Global negatives keep the variant's rule.
+        """
+        am = self.config
+        return (am.encoder_negatives == "local" and self.epoch > 0
+                and is_reinit_epoch(self.epoch, am.reinit_every_epochs)
+                and step_in_epoch < am.local_warmup_steps)
 
     def state_dict(self) -> dict:
         return {"lambdas": self.lambdas.state_dict(), "last_lambda_loss": float(self.last_lambda_loss)}

@@ -16,6 +16,7 @@ from amorlip.objectives import (
     clamp_logit_scale_,
     clip_loss,
     encoder_loss,
+    encoder_loss_local,
     lambda_loss,
     mix_log_targets,
     partition_targets,
@@ -132,6 +133,96 @@ def test_encoder_loss_value_and_gradients(b, d, s, p):
     close(loss, ref, rtol=5e-5, atol=5e-5)
     for got, want in zip(inputs, ref_inputs):
         close(got.grad, want.grad, rtol=2e-4, atol=2e-4)
+
+
+# --------------------------------------------------------------------------- local negatives
+
+
+def ref_encoder_loss_local(x, y, s, log_lam_img, log_lam_txt, p, g):
+    """Local B x B logits with the off-diagonal sum scaled by (G-1)/(B-1), by explicit loops."""
+    b = x.shape[0]
+    c = (g - 1) / (b - 1) if b > 1 else 1.0
+    joint = 2 * s * (x * y).sum(1).mean()
+    cross_img = cross_txt = 0.0
+    for i in range(b):
+        for j in range(b):
+            w = p if i == j else c
+            e = w * torch.exp(s * (x[i] @ y[j]))
+            cross_img = cross_img + e / log_lam_img[i].exp()
+            cross_txt = cross_txt + e / log_lam_txt[j].exp()
+    return -joint + cross_img / b + cross_txt / b
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("s", SCALES)
+@pytest.mark.parametrize("p", [1.0, 1e-3])
+def test_local_encoder_loss_on_one_rank_is_encoder_loss_exactly(b, d, s, p):
+    x, y = unit(b, d, 7, torch.float32), unit(b, d, 8, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    lam_img = torch.randn(b, generator=g) + s * 0.5
+    lam_txt = torch.randn(b, generator=g) + s * 0.5
+    grads = []
+    for fn, kwargs in ((encoder_loss, {}), (encoder_loss_local, {"global_batch": b})):
+        inputs = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(s, requires_grad=True)]
+        loss = fn(*inputs, lam_img, lam_txt, pos_coef=p, **kwargs)
+        loss.backward()
+        grads.append((loss.detach(), *[t.grad for t in inputs]))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("b,g", [(2, 8), (5, 20), (16, 64)])
+@pytest.mark.parametrize("s", SCALES)
+@pytest.mark.parametrize("p", [1.0, 1e-3])
+def test_local_encoder_loss_scales_the_off_diagonal_sum_by_g_minus_1_over_b_minus_1(b, g, s, p):
+    d = 8
+    x64, y64 = unit(b, d, 17), unit(b, d, 18)
+    gen = torch.Generator().manual_seed(19)
+    lam_img = torch.randn(b, generator=gen, dtype=torch.float64) + s * 0.5
+    lam_txt = torch.randn(b, generator=gen, dtype=torch.float64) + s * 0.5
+    ref_inputs = [x64.clone().requires_grad_(), y64.clone().requires_grad_(),
+                  torch.tensor(s, dtype=torch.float64, requires_grad=True)]
+    ref = ref_encoder_loss_local(*ref_inputs, lam_img, lam_txt, p, g)
+    ref.backward()
+    inputs = [x64.float().requires_grad_(), y64.float().requires_grad_(), torch.tensor(s, requires_grad=True)]
+    loss = encoder_loss_local(*inputs, lam_img, lam_txt, pos_coef=p, global_batch=g)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    close(loss, ref, rtol=5e-5, atol=5e-5)
+    for got, want in zip(inputs, ref_inputs):
+        close(got.grad, want.grad, rtol=2e-4, atol=2e-4)
+    # not the unscaled loss: the scaling really acts
+    assert abs(loss.item() - encoder_loss(*[t.detach() for t in inputs], lam_img, lam_txt, pos_coef=p).item()) > 1e-6
+
+
+def test_local_encoder_loss_is_unbiased_for_the_global_cross_term():
+    """Averaged over every way to split a global batch into local batches (here: all B-subsets of a
+    G = 5 batch with B = 3, by symmetry the same as uniform random splits), each local off-diagonal
+    term estimates the global one: the mean of the local losses' cross terms equals the global cross term."""
+    import itertools
+
+    big, b, d, s = 5, 3, 4, 3.0
+    x, y = unit(big, d, 21), unit(big, d, 22)
+    lam = torch.randn(big, generator=torch.Generator().manual_seed(23), dtype=torch.float64) + 2.0
+
+    def cross(xs, ys, lam_i, lam_t, fn):
+        # the cross terms alone: the loss plus the joint term -2 s mean x.y
+        return fn(xs, ys, s, lam_i, lam_t) + 2 * s * (xs * ys).sum(1).mean()
+
+    glob = cross(x, y, lam, lam, lambda *a: encoder_loss(*a, pos_coef=0.5).double())
+    local = [cross(x[list(c)], y[list(c)], lam[list(c)], lam[list(c)],
+                   lambda *a: encoder_loss_local(*a, pos_coef=0.5, global_batch=big).double())
+             for c in itertools.combinations(range(big), b)]
+    close(torch.stack(local).mean(), glob, rtol=1e-5, atol=1e-5)
+
+
+def test_local_encoder_loss_refuses_impossible_batches():
+    x = unit(1, 4, 1, torch.float32)
+    lam = torch.zeros(1)
+    with pytest.raises(ValueError, match="at least 2"):
+        encoder_loss_local(x, x, 1.0, lam, lam, global_batch=4)
+    with pytest.raises(ValueError, match="smaller than the local batch"):
+        encoder_loss_local(torch.cat([x, x]), torch.cat([x, x]), 1.0, torch.zeros(2), torch.zeros(2), global_batch=1)
 
 
 @pytest.mark.parametrize("s", SCALES)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amorlip.config import get_run, load_config
-from amorlip.objectives import clip_loss, encoder_loss, mix_log_targets, partition_targets
+from amorlip.config import ConfigError, get_run, load_config
+from amorlip.objectives import clip_loss, encoder_loss, encoder_loss_local, mix_log_targets, partition_targets
 from amorlip.schedules import beta_for_epoch, cosine_lr
 from amorlip.tasks import AmorlipTask, ClipTask, SiglipTask, build_task
 
@@ -199,6 +199,98 @@ def test_cadence_of_lambda_and_ema_updates(base_run):
         ema_moved.append(any(not torch.equal(a, b) for a, b in zip(ema, task.lambdas.ema.parameters())))
     assert updates == [3, 0, 0, 3, 0, 0]
     assert ema_moved == [True, False, True, False, True, False]
+
+
+# --------------------------------------------------------------------------- local negatives
+
+TARGET_KEYS = {"log_target_mean", "lambda_gap", "lambda_gap_prev"}
+
+
+def test_local_negatives_compute_targets_on_stage_one_steps_only(base_run):
+    """``encoder_negatives: local``: the loss is the local one against the EMA net read before its
+    update (Stage I never touches the EMA net); the partition-target diagnostics exist on Stage-I
+    steps (k % t_online == 0) only."""
+    run = make_run(base_run, "amorlip", "paper", t_online=2, t_target=1, scale_loss=False,
+                   encoder_negatives="local")
+    model = TwoTowers()
+    task = build_task(run, model, EMBED, "cpu")
+    task.start_epoch(0, 4)
+    data = ClusteredPairs(6)
+    with_targets = []
+    for k in range(4):
+        images, texts = data.batch()
+        ema_before = copy.deepcopy(task.lambdas.ema)
+        out = task.training_forward(images, texts, k)
+        with_targets.append(TARGET_KEYS & set(out))
+        with torch.no_grad():
+            feats = model(images, texts)
+            x, y, s = feats["image_features"], feats["text_features"], feats["logit_scale"]
+            expected = encoder_loss_local(x, y, s, ema_before["image"](x), ema_before["text"](y), pos_coef=1.0)
+        assert out["encoder_loss"] == pytest.approx(expected.item(), rel=1e-5)
+        assert out["lambda_updates"] == (run.amorlip.t_lambda if k % 2 == 0 else 0)
+    assert with_targets == [TARGET_KEYS, set(), TARGET_KEYS, set()]
+
+
+@pytest.mark.parametrize("reinit_every", [1, 2])
+def test_local_negatives_read_the_prev_net_during_the_warmup_of_a_reinit_epoch(base_run, reinit_every):
+    run = make_run(base_run, "amorlip", "paper", t_online=1, t_target=1, scale_loss=False,
+                   encoder_negatives="local", local_warmup_steps=2, reinit_every_epochs=reinit_every)
+    model = TwoTowers()
+    task = build_task(run, model, EMBED, "cpu")
+    data = ClusteredPairs(7)
+    sources = {}
+    for epoch in range(2):
+        task.start_epoch(epoch, 3)
+        for k in range(3):
+            images, texts = data.batch()
+            ema_before, prev = copy.deepcopy(task.lambdas.ema), copy.deepcopy(task.lambdas.prev)
+            out = task.training_forward(images, texts, k)
+            with torch.no_grad():
+                feats = model(images, texts)
+                x, y, s = feats["image_features"], feats["text_features"], feats["logit_scale"]
+                loss = {name: encoder_loss_local(x, y, s, nets["image"](x), nets["text"](y)).item()
+                        for name, nets in (("ema", ema_before), ("prev", prev))}
+            if reinit_every == 1 or (epoch, k) != (1, 0):  # without a re-init, prev = EMA at the epoch start
+                assert abs(loss["ema"] - loss["prev"]) > 1e-6 * abs(loss["ema"])  # the two nets differ
+            sources[epoch, k] = min(loss, key=lambda n: abs(loss[n] - out["encoder_loss"]))
+            assert out["encoder_loss"] == pytest.approx(loss[sources[epoch, k]], rel=1e-5)
+    # epoch 0: its prev net is an untrained one, so the EMA net from the first step; epoch 1 re-inits
+    # (reinit_every 1) and reads prev for local_warmup_steps = 2 steps; without a re-init, the EMA net
+    assert [sources[0, k] for k in range(3)] == ["ema"] * 3
+    assert [sources[1, k] for k in range(3)] == (["prev", "prev", "ema"] if reinit_every == 1 else ["ema"] * 3)
+
+
+def test_local_negatives_with_the_mixed_target_are_refused(base_run):
+    runs = {"a": {"method": "amorlip", "variant": "published", "amorlip": {"encoder_negatives": "local"}}}
+    with pytest.raises(ConfigError, match=r"amorlip\.encoder_negatives.*mixed_target.*current global partition sum"):
+        load_config({"runs": runs}, check_paths=False)
+    runs["a"]["variant"] = "paper"
+    run = get_run(load_config({"runs": runs}, check_paths=False), "a")
+    assert run.amorlip.encoder_negatives == "local" and run.amorlip.encoder_partition == "ema_net"
+    assert run.amorlip.local_warmup_steps == 50
+    assert base_run.amorlip.encoder_negatives == "global"  # the default: the authors' global negatives
+    with pytest.raises(ValueError, match="encoder_negatives 'local' needs encoder_partition 'ema_net'"):
+        build_task(make_run(base_run, encoder_negatives="local"), TwoTowers(), EMBED, "cpu")
+    small = {"a": {"method": "amorlip", "variant": "paper", "batch_size": 2, "nproc": 2,
+                   "amorlip": {"encoder_negatives": "local"}}}
+    with pytest.raises(ConfigError, match="local batch B >= 2"):
+        load_config({"runs": small}, check_paths=False)
+
+
+def test_metric_window_averages_each_key_over_the_steps_that_produced_it():
+    from amorlip.distributed import WorldInfo
+    from amorlip.train.loop import MetricWindow
+
+    world = WorldInfo(rank=0, local_rank=0, world_size=1, group=None, device=torch.device("cpu"),
+                      global_batch=4, local_batch=4)
+    window = MetricWindow()
+    window.add({"loss": torch.tensor(1.0), "gap": torch.tensor(10.0), "n": 3, "lr": 0.1})
+    window.add({"loss": torch.tensor(3.0), "n": 5})
+    window.add({"loss": torch.tensor(5.0), "gap": torch.tensor(20.0), "rare": 7.0})
+    means, skipped = window.reduce(world, 2)
+    assert means == {"loss": 3.0, "gap": 15.0, "n": 4.0, "rare": 7.0} and skipped == 2
+    window.add({"loss": torch.tensor(2.0)})
+    assert window.reduce(world, 0) == ({"loss": 2.0}, 0)  # emptied after each reduce
 
 
 def test_state_dict_round_trip_reproduces_the_next_step_exactly(base_run):

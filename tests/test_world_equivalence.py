@@ -14,6 +14,7 @@ only objective-level tests (with an explicit group) existed. These tests fail on
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -316,3 +317,113 @@ def test_launch_with_another_world_size_than_configured_is_refused(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "configured for nproc x nodes = 2 rank(s) but was launched with 1" in res.stdout
     assert "amorlip launch --nproc 2" in res.stdout
+
+
+# --------------------------------------------------------------------------- local negatives: no collective
+
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "barrier")
+
+
+def _count_collectives(calls: list, inside: list) -> None:
+    """Wrap torch.distributed's collectives (and the autograd all-gather) so that every call made while
+    ``inside[0]`` is set is appended to ``calls``; the wrapped functions still run."""
+    import functools
+
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            if inside[0]:
+                calls.append(f"{module.__name__}.{name}")
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            counted(dist, name)
+    counted(dist_fn, "all_gather")
+
+
+def _local_negatives_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from amorlip import distributed as dist_utils
+    from amorlip.tracking import Tracker
+    from amorlip.train.loop import StopSignal, Trainer
+    from amorlip.train.run import build_model_engine_task
+
+    calls: list[str] = []
+    inside = [False]
+    _count_collectives(calls, inside)
+    results = {}
+    try:
+        for negatives in ("local", "global"):
+            run = run_config(f"amorlip-{negatives}", WORLD, variant="paper",
+                             amorlip={"beta_epochs": 1, "rho": [6.5, -8.0], "t_target": 1, "t_online": 2,
+                                      "encoder_negatives": negatives})
+            world = dist_utils.make_world(run.batch_size, run.world_size)
+            engine, task, _, _ = build_model_engine_task(run, world)
+            forward, per_step = task.training_forward, []
+
+            def counted_forward(images, texts, step_in_epoch, forward=forward, task=task, per_step=per_step):
+                first = len(calls)
+                inside[0] = True
+                try:
+                    return forward(images, texts, step_in_epoch)
+                finally:
+                    inside[0] = False
+                    per_step.append((task.epoch, step_in_epoch, calls[first:]))
+
+            task.training_forward = counted_forward
+            trainer = Trainer(run=run, engine=engine, task=task,
+                              loader=RankSlices(world, global_batches(EPOCHS * STEPS_PER_EPOCH)),
+                              run_dir=Path(out_dir) / negatives, world=world,
+                              tracker=Tracker("sqlite:///unused.db", Path(out_dir) / "off.jsonl", enabled=False),
+                              stop=StopSignal())
+            trainer.fit()
+            results[negatives] = {"per_step": per_step, "metrics": trainer.metrics.read() if world.is_master else None,
+                                  "replica_checksum": task.replica_checksum()}
+        torch.save(results, Path(out_dir) / f"local-rank{rank}.pt")
+    finally:
+        dist_utils.shutdown()
+
+
+@pytest.mark.dist
+def test_local_negatives_run_no_collective_between_stage_one_steps(tmp_path):
+    """``encoder_negatives: local``, ``t_online: 2``, 2 gloo ranks, the real Trainer: the task's
+    ``training_forward`` makes no collective call on the steps without Stage I (in-epoch step 1 of each
+    epoch), and gathers / all-reduces on the Stage-I steps (partition targets, lambda gradients).
+
+    Counted: every call of torch.distributed's collectives and of the autograd all-gather made while
+    ``training_forward`` runs. Outside it, and so not counted, every step still has DeepSpeed's
+    gradient all-reduce of the encoders (in ``engine.backward``/``step``) and the trainer's one
+    all-reduce of the step flags (plus its metric all-reduce on logging steps). The same run with
+    global negatives is the counter's positive control: its encoder loss gathers on every step.
+    """
+    mp.start_processes(_local_negatives_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"local-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for result in ranks:
+        local, glob = result["local"]["per_step"], result["global"]["per_step"]
+        assert [(e, k) for e, k, _ in local] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for epoch, step, calls in local:
+            if step % 2:  # no Stage I: no collective at all
+                assert calls == [], (epoch, step, calls)
+            else:  # Stage I: gathered targets and all-reduced lambda gradients (t_lambda = 3)
+                assert calls.count("torch.distributed.all_gather") == 2 and \
+                    calls.count("torch.distributed.all_reduce") == 3, calls
+        for epoch, step, calls in glob:  # global negatives: the encoder's autograd all-gather every step
+            assert calls.count("torch.distributed.nn.functional.all_gather") == 2, (epoch, step, calls)
+    assert ranks[0]["local"]["replica_checksum"] == ranks[1]["local"]["replica_checksum"]
+    # the partition-target diagnostics are logged on Stage-I steps only; every step logs its loss
+    metrics = ranks[0]["local"]["metrics"]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert [("log_target_mean" in r, "lambda_gap" in r) for r in metrics] == [(True, True), (False, False)] * 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["encoder_loss"]) for r in metrics)

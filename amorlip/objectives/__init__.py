@@ -8,6 +8,7 @@ of the global batch (None = one process).
 from amorlip.objectives.amorlip import (
     LAMBDA_LOSS_KINDS,
     encoder_loss,
+    encoder_loss_local,
     lambda_loss,
     mix_log_targets,
     partition_targets,
@@ -22,6 +23,7 @@ __all__ = [
     "clamp_logit_scale_",
     "clip_loss",
     "encoder_loss",
+    "encoder_loss_local",
     "lambda_loss",
     "mix_log_targets",
     "partition_targets",

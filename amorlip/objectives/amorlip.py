@@ -130,6 +130,54 @@ def encoder_loss(
     return -joint + cross_image + cross_text
 
 
+def encoder_loss_local(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    log_lambda_img: torch.Tensor,
+    log_lambda_txt: torch.Tensor,
+    pos_coef: float = 1.0,
+    global_batch: int | None = None,
+) -> torch.Tensor:
+    """Stage II loss on the local B x B logits only (``encoder_negatives: local``), fp32 scalar.
+
+    With c = (G - 1) / (B - 1), G = ``global_batch`` (default B) and B the local batch:
+
+    ``L = -2 s mean_i x_i.y_i
+    + mean_i [p exp(s x_i.y_i - log Lambda^I_i) + c sum_{j != i} exp(s x_i.y_j - log Lambda^I_i)]
+    + mean_j [p exp(s x_j.y_j - log Lambda^T_j) + c sum_{i != j} exp(s x_i.y_j - log Lambda^T_j)]``
+
+    with i, j over the local rows only. If the other ranks' samples are exchangeable with the local
+    ones, c times the B - 1 local off-diagonal terms has the expectation of the G - 1 off-diagonal
+    terms of the global batch, so each cross term estimates the global-batch sum that Lambda (a
+    lambda net's estimate of the global partition sum) normalises. Computed in log space: the
+    off-diagonal logits get ``+ log c`` and the diagonal ``+ log p``, and every ratio is
+    ``exp(d_ij - log Lambda)``. Nothing is gathered: the function takes no group. On one rank
+    (G = B, c = 1) this is :func:`encoder_loss` exactly. Over W ranks the mean of the per-rank
+    losses (what the 1/W-averaged encoder gradients optimise) has the joint term of the global batch
+    exactly and cross terms that are unbiased estimates of the global ones.
+    The log Lambda inputs are detached, as in :func:`encoder_loss`.
+    """
+    batch = img.shape[0]
+    global_batch = batch if global_batch is None else int(global_batch)
+    if global_batch < batch:
+        raise ValueError(f"global_batch {global_batch} is smaller than the local batch {batch}")
+    if global_batch > batch and batch < 2:
+        raise ValueError(f"local negatives need a local batch of at least 2 (got {batch}) when G > B")
+    s = as_fp32_scale(logit_scale, img.device)
+    image_rows, _ = weighted_logits(img, txt, s, pos_coef, group=None)
+    if global_batch != batch:
+        log_c = math.log(global_batch - 1) - math.log(batch - 1)
+        off_diagonal = 1.0 - torch.eye(batch, dtype=image_rows.dtype, device=image_rows.device)
+        image_rows = image_rows + log_c * off_diagonal
+    text_rows = image_rows.T  # local texts against local images: the columns of the same matrix
+    positive = (img.float() * txt.float()).sum(dim=1)
+    joint = 2.0 * s * positive.mean()
+    cross_image = torch.exp(image_rows - log_lambda_img.detach().float()[:, None]).sum(dim=1).mean()
+    cross_text = torch.exp(text_rows - log_lambda_txt.detach().float()[:, None]).sum(dim=1).mean()
+    return -joint + cross_image + cross_text
+
+
 def lambda_loss(
     log_lambda: torch.Tensor,
     log_target: torch.Tensor,

@@ -420,14 +420,20 @@ def full_module_state(engine) -> dict[str, torch.Tensor]:
 class MetricWindow:
     """Per-key sums of the step outputs since the last logging step, kept on the device.
 
-    Tensor values are added on the device (no read); plain numbers on the host. :meth:`reduce`
-    averages the tensor sums over steps and ranks with one all-reduce and one read, so a logged
-    ``loss`` is the mean over the global batch rather than rank 0's share.
+    Tensor values are added on the device (no read); plain numbers on the host. Each key is averaged
+    over the steps that produced it: a task may report a metric on some steps only (AmorLIP's
+    partition-target diagnostics with local negatives exist on Stage-I steps only). :meth:`reduce`
+    averages the tensor sums over those steps and over ranks with one all-reduce and one read, so a
+    logged ``loss`` is the mean over the global batch rather than rank 0's share. The per-key step
+    counts travel in the same vector, so the vector's layout is the sorted key set, which every rank
+    shares: a task's keys on a step are a function of the step (never of the data or the rank).
     """
 
     def __init__(self) -> None:
         self.device_sums: dict[str, torch.Tensor] = {}
+        self.device_counts: dict[str, int] = {}
         self.host_sums: dict[str, float] = {}
+        self.host_counts: dict[str, int] = {}
         self.steps = 0
 
     def add(self, out: dict) -> None:
@@ -438,21 +444,28 @@ class MetricWindow:
             if isinstance(value, torch.Tensor):
                 value = value.detach().float().reshape(())
                 self.device_sums[key] = self.device_sums[key] + value if key in self.device_sums else value.clone()
+                self.device_counts[key] = self.device_counts.get(key, 0) + 1
             elif isinstance(value, (int, float)):
                 self.host_sums[key] = self.host_sums.get(key, 0.0) + float(value)
+                self.host_counts[key] = self.host_counts.get(key, 0) + 1
 
     def reduce(self, world, skipped_local: int) -> tuple[dict[str, float], int]:
-        """``(means over steps and ranks, skipped samples summed over ranks)``; empties the window."""
+        """``(means over steps and ranks, skipped samples summed over ranks)``; empties the window.
+
+        A key's mean is its sum over ranks and steps divided by the number of (rank, step) pairs that
+        produced it; keys no step of the window produced are absent.
+        """
         keys = sorted(self.device_sums)
         device = next(iter(self.device_sums.values())).device if keys else torch.device("cpu")
-        vector = torch.stack([self.device_sums[k] for k in keys] +
-                             [torch.full((), float(skipped_local), device=device)])
+        counts = torch.tensor([float(self.device_counts[k]) for k in keys], device=device)
+        vector = torch.cat([torch.stack([self.device_sums[k] for k in keys]) if keys else counts[:0], counts,
+                            torch.full((1,), float(skipped_local), device=device)])
         if world.world_size > 1:
             torch.distributed.all_reduce(vector, group=world.step_group)
         values = vector.tolist()
-        steps = max(self.steps, 1)
-        means = {k: v / (steps * world.world_size) for k, v in zip(keys, values[:-1])}
-        means.update({k: v / steps for k, v in self.host_sums.items()})
+        n = len(keys)
+        means = {k: v / c for k, v, c in zip(keys, values[:n], values[n:2 * n])}
+        means.update({k: v / self.host_counts[k] for k, v in self.host_sums.items()})
         skipped = int(round(values[-1]))
-        self.device_sums, self.host_sums, self.steps = {}, {}, 0
+        self.device_sums, self.device_counts, self.host_sums, self.host_counts, self.steps = {}, {}, {}, {}, 0
         return means, skipped
