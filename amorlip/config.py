@@ -29,6 +29,12 @@ VARIANT_DEFAULTS = {
     "published": {"pos_coef": 1e-3, "encoder_partition": "mixed_target"},
     "paper": {"pos_coef": 1.0, "encoder_partition": "ema_net"},
 }
+# each method's variants, the first one its default; clip and siglip have none (recorded as "none")
+METHOD_VARIANTS = {
+    "amorlip": tuple(VARIANT_DEFAULTS),
+    # v3: FastCLIP-v3 (cosine gamma, learnable temperature with rho); sogclr: constant gamma, fixed temperature
+    "fastclip": ("v3", "sogclr"),
+}
 
 
 _YAML11_TEXT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -305,6 +311,17 @@ class AmorlipConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FastclipConfig:
+    """FastCLIP's hyperparameters (docs/variants.md, "FastCLIP"); the defaults mirror the schema's."""
+
+    gamma_min: float = 0.2
+    gamma_decay_epochs: int = 10
+    gamma: float = 0.9
+    rho: float = 6.5
+    eps: float = 1e-14
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training configuration, with every default and variant choice resolved."""
 
@@ -342,6 +359,9 @@ class RunConfig:
     siglip_init_bias: float
     amorlip: AmorlipConfig
     deterministic: bool = False  # defaulted: a model.pt exported before the setting existed still loads
+    diagnostics_every_epochs: int = 1  # defaulted, as above
+    diagnostics_probe: int = 1024
+    fastclip: FastclipConfig = dataclasses.field(default_factory=FastclipConfig)  # defaulted, as above
 
     @property
     def world_size(self) -> int:
@@ -359,6 +379,8 @@ class RunConfig:
         am["rho"] = tuple(am["rho"])
         am["rho_epochs"] = tuple(am["rho_epochs"]) if am.get("rho_epochs") is not None else None
         d["adam_betas"] = tuple(d["adam_betas"])
+        if "fastclip" in d:
+            d["fastclip"] = FastclipConfig(**d["fastclip"])
         return cls(amorlip=AmorlipConfig(**am), **d)
 
 
@@ -375,7 +397,8 @@ def _deep_merge(base: dict, override: Mapping[str, Any]) -> dict:
 def _sweep_runs(sweep: Mapping[str, Any]) -> dict[str, dict]:
     runs: dict[str, dict] = {}
     for method, bs, seed in itertools.product(sweep["method"], sweep["batch_size"], sweep["seed"]):
-        variants = sweep["variant"] if method == "amorlip" else [None]
+        variants = [v for v in sweep["variant"] if v in METHOD_VARIANTS[method]] if method in METHOD_VARIANTS else [None]
+        variants = variants or [None]  # none of the grid's variants is this method's: its default
         for variant in variants:
             name = f"{method}{'-' + variant if variant else ''}-b{bs}-s{seed}"
             run = {"method": method, "batch_size": bs, "seed": seed}
@@ -391,13 +414,21 @@ def _resolve_run(name: str, merged: dict) -> RunConfig:
     schema = load_schema()
     run_schema = {"$defs": schema["$defs"], "$ref": "#/$defs/run"}
     _DefaultFillingValidator(run_schema).validate(merged)
+    method, variant = merged["method"], merged.get("variant")
+    allowed = METHOD_VARIANTS.get(method, ())
+    if variant is None or not allowed:
+        # a method without variants ignores one set (e.g. by defaults for the amorlip runs)
+        variant = allowed[0] if allowed else None
+    elif variant not in allowed:
+        raise ConfigError(f"config error at 'runs.{name}.variant': {variant!r} is not a variant of method {method!r}"
+                          f" ({', '.join(allowed) if allowed else 'it has none: leave variant unset'})")
     am = merged["amorlip"]
-    for key, value in VARIANT_DEFAULTS[merged["variant"]].items():
+    # the amorlip block of any other method keeps the published defaults (it is unused there)
+    for key, value in VARIANT_DEFAULTS[variant if method == "amorlip" else "published"].items():
         if am.get(key) is None:
             am[key] = value
-    if merged["method"] != "amorlip":
-        # CLIP and SigLIP runs carry no variant: record that plainly rather than a misleading default
-        merged["variant"] = "none"
+    # CLIP and SigLIP runs carry no variant: record that plainly rather than a misleading default
+    merged["variant"] = variant or "none"
     return RunConfig.from_dict({"name": name, **merged})
 
 

@@ -21,8 +21,14 @@ measures it on a fixed probe set of training samples, embedded with the trained 
   gives the encoders nothing a plain batch would not.
 
 ``amorlip diagnose --config C --run R`` writes ``runs/R/amortization.json`` and ``amortization.png``
-(format in docs/architecture.md, "Amortization diagnostics"). Out of scope here: the per-epoch
-cadence inside the trainer and gradient fidelity.
+(format in docs/architecture.md, "Amortization diagnostics").
+
+- **Gradient fidelity.** The cosine between the encoder gradient of the run's objective on one
+  batch of B probe samples and on the whole probe (CLIP's loss; AmorLIP's encoder loss with Lambda =
+  the batch's own sums): how closely one training batch points where a much larger batch would.
+
+The trainer runs the same measurement on rank 0 at the end of every ``diagnostics_every_epochs``-th
+epoch (:class:`EpochDiagnostics`).
 """
 
 from __future__ import annotations
@@ -217,7 +223,7 @@ def select_probe(shard_dir: str | os.PathLike, size: int, seed: int) -> tuple[li
     seen = 0
     drops = _DropCounter()
     for name in sorted(sizes):
-        for key, image, caption, _ in iter_shard(shard_dir / Path(name).name, drops):
+        for key, image, caption, *_ in iter_shard(shard_dir / Path(name).name, drops):
             seen += 1
             item = (-probe_priority(seed, key), key, image, caption)
             if len(heap) < size:
@@ -346,6 +352,10 @@ def diagnose(config: dict, run_name: str, probe: int = DEFAULT_PROBE, out: str |
         log.info("prev lambda nets left out: %s", prev_missing)
 
     modalities, arrays = diagnose_features(img, txt, scale, batch_size, pos_coef, nets, seed=seed)
+    pixels, tokens = probe_tensors(samples, preprocess, tokenizer)
+    fidelity = gradient_fidelity(
+        probe_encoder(model, pixels, tokens, device), _encoder_params(model), pixels.shape[0], batch_size,
+        lambda a, b: objective_on_features(run.method, a, b, scale, pos_coef), torch.Generator().manual_seed(seed))
     report = {
         "format": FORMAT,
         "run": run_name,
@@ -366,6 +376,7 @@ def diagnose(config: dict, run_name: str, probe: int = DEFAULT_PROBE, out: str |
         "predictors": [p for p in PREDICTORS if p in modalities["image"]["predictors"]],
         "prev_missing": prev_missing,
         "modalities": modalities,
+        "gradient_fidelity": fidelity,
     }
     out = Path(out) if out is not None else run_dir / "amortization.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -414,7 +425,189 @@ def format_table(report: dict[str, Any]) -> str:
             s = entry["predictors"][name]
             corr = "n/a" if s["corr"] is None else f"{s['corr']:.3f}"
             lines.append(f"{modality:<9}{name:<11}{s['rmse']:>8.4f}{s['bias']:>+9.4f}{corr:>8}")
+    cosine = (report.get("gradient_fidelity") or {}).get("cosine")
+    if cosine is not None:
+        lines.append(f"gradient fidelity: cosine {cosine:.4f} between the encoder gradient of one batch of "
+                     f"{report['batch_size']} and of the whole probe")
     if report.get("prev_missing"):
         lines.append(f"prev left out: {report['prev_missing']}")
     return "\n".join(lines)
 
+
+
+# --------------------------------------------------------------------------- gradient fidelity
+
+
+def objective_on_features(method: str, img: torch.Tensor, txt: torch.Tensor, logit_scale: float,
+                          pos_coef: float) -> torch.Tensor:
+    """The run's encoder objective on one batch of features: CLIP's loss, or AmorLIP's encoder loss
+    with Lambda = the batch's own partition sums (what a perfect amortizer at that batch would give)."""
+    from amorlip.objectives.amorlip import encoder_loss, partition_targets
+    from amorlip.objectives.clip import clip_loss
+
+    scale = torch.tensor(float(logit_scale), dtype=img.dtype, device=img.device)
+    if method == "clip":
+        return clip_loss(img, txt, scale)
+    if method == "amorlip":
+        t_img, t_txt = partition_targets(img, txt, scale, pos_coef=pos_coef)
+        return encoder_loss(img, txt, scale, t_img, t_txt, pos_coef=pos_coef)
+    raise ValueError(f"gradient fidelity covers clip and amorlip, not {method!r}")
+
+
+def encoder_gradient(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                     params: list[torch.Tensor], indices: torch.Tensor,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk: int = 128) -> torch.Tensor:
+    """The flat float64 gradient of ``loss_fn(encode(indices))`` with respect to ``params``.
+
+    Two passes so that a probe of thousands of samples never holds the whole graph: the features
+    without a graph, the loss's gradient with respect to them, then one vector-Jacobian product per
+    chunk of ``chunk`` samples (exact: the loss couples the samples only through the features).
+    ``torch.autograd.grad`` fills no ``.grad``, so training state (and DeepSpeed's gradient hooks)
+    are left untouched.
+    """
+    with torch.no_grad():
+        parts = [encode(indices[k:k + chunk]) for k in range(0, len(indices), chunk)]
+    img = torch.cat([p[0] for p in parts]).detach().requires_grad_(True)
+    txt = torch.cat([p[1] for p in parts]).detach().requires_grad_(True)
+    with torch.enable_grad():
+        g_img, g_txt = torch.autograd.grad(loss_fn(img, txt), (img, txt))
+    total = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in params]
+    for k in range(0, len(indices), chunk):
+        with torch.enable_grad():
+            c_img, c_txt = encode(indices[k:k + chunk])
+            grads = torch.autograd.grad((c_img, c_txt), params, grad_outputs=(g_img[k:k + chunk].to(c_img.dtype),
+                                                                             g_txt[k:k + chunk].to(c_txt.dtype)),
+                                        allow_unused=True)
+        for acc, g in zip(total, grads):
+            if g is not None:
+                acc += g.detach().double().reshape(-1)
+    return torch.cat([t.cpu() for t in total])
+
+
+def gradient_fidelity(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                      params: list[torch.Tensor], n: int, batch_size: int,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      generator: torch.Generator, chunk: int = 128) -> dict[str, Any]:
+    """Cosine between the encoder gradient of one batch of ``batch_size`` probe samples and that of the
+    whole probe of ``n`` (the large-batch direction a training step approximates); 1 at B = N.
+
+    ``encode(indices)`` returns the L2-normalised ``(image, text)`` features of those probe samples,
+    with a graph to ``params`` when grad is enabled. The batch is a seeded random subset.
+    """
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch size {batch_size} must lie in [1, N = {n}]")
+    everything = torch.arange(n)
+    batch = torch.randperm(n, generator=generator)[:batch_size]
+    g_batch = encoder_gradient(encode, params, batch, loss_fn, chunk)
+    g_probe = encoder_gradient(encode, params, everything, loss_fn, chunk)
+    denom = float(g_batch.norm() * g_probe.norm())
+    return {"cosine": float(g_batch @ g_probe) / denom if denom > 0 else None,
+            "batch_size": int(batch_size), "probe": int(n)}
+
+
+# --------------------------------------------------------------------------- per epoch, inside training
+
+
+def _encoder_params(model) -> list[torch.Tensor]:
+    """The towers' trainable parameters (the logit scale and bias are not encoder weights)."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and "logit_" not in name]
+
+
+def probe_tensors(samples: list[tuple[str, bytes, str]], preprocess: Callable,
+                  tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels [N, 3, H, W], tokens [N, L])`` of the probe; undecodable images dropped with their caption."""
+    from PIL import Image
+
+    pixels, captions = [], []
+    for _, data, caption in samples:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                pixels.append(preprocess(im.convert("RGB")))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            continue
+        captions.append(caption)
+    if not pixels:
+        raise DiagnoseError("no probe image decodes")
+    return torch.stack(pixels), tokenizer(captions)
+
+
+def probe_encoder(model, pixels: torch.Tensor, tokens: torch.Tensor, device: str | torch.device
+                  ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``encode(indices) -> (image, text)``: L2-normalised fp32 features of those probe samples."""
+    dtype = next(model.parameters()).dtype
+
+    def encode(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img = model.encode_image(pixels[indices].to(device, dtype), normalize=True).float()
+        txt = model.encode_text(tokens[indices].to(device), normalize=True).float()
+        return img, txt
+
+    return encode
+
+
+class EpochDiagnostics:
+    """The trainer's end-of-epoch measurement for AmorLIP runs (``diagnostics_every_epochs``).
+
+    Holds a fixed probe of ``run.diagnostics_probe`` training samples (picked once, seeded by the
+    run's seed, preprocessed with the eval transform) and, when called with the current encoders and
+    the task's lambda nets, returns the same per-modality report as ``amorlip diagnose`` plus the
+    gradient fidelity of the AmorLIP encoder loss at the run's global batch. Runs on one process (the
+    trainer calls it on rank 0 between barriers); encoders in eval mode, restored afterwards.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, run: RunConfig, device: str | torch.device,
+                 chunk: int = 128):
+        self.shard_dir, self.run, self.device, self.chunk = Path(shard_dir), run, torch.device(device), chunk
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _load_probe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from amorlip.models import get_tokenizer, image_transform
+
+        samples, seen = select_probe(self.shard_dir, int(self.run.diagnostics_probe), int(self.run.seed))
+        pixels, tokens = probe_tensors(samples, image_transform(self.run.model, train=False),
+                                       get_tokenizer(self.run.model))
+        if pixels.shape[0] < self.run.batch_size:
+            raise DiagnoseError(f"the probe has {pixels.shape[0]} decodable samples (data: {seen}), fewer than "
+                                f"the batch size {self.run.batch_size}: raise diagnostics_probe")
+        return pixels, tokens
+
+    def __call__(self, model: torch.nn.Module, lambdas) -> dict[str, Any]:
+        """``{"modalities": ..., "gradient_fidelity": ..., "logit_scale", "probe"}`` for the model now."""
+        if self._probe is None:
+            self._probe = self._load_probe()
+        pixels, tokens = self._probe
+        run, device = self.run, self.device
+        encode = probe_encoder(model, pixels, tokens, device)
+        was_training = model.training
+        model.eval()
+        try:
+            n = pixels.shape[0]
+            with torch.no_grad():
+                parts = [encode(torch.arange(k, min(k + self.chunk, n))) for k in range(0, n, self.chunk)]
+            img, txt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            scale = float(model.logit_scale.detach().float().exp())
+            pos_coef, batch = float(run.amorlip.pos_coef), int(run.batch_size)
+            nets = {name: {m: getattr(lambdas, name)[m] for m in MODALITIES} for name in ("ema", "prev")}
+            modalities, _ = diagnose_features(img, txt, scale, batch, pos_coef, nets, seed=run.seed)
+            fidelity = gradient_fidelity(
+                encode, _encoder_params(model), n, batch,
+                lambda a, b: objective_on_features("amorlip", a, b, scale, pos_coef),
+                torch.Generator().manual_seed(int(run.seed)), self.chunk)
+        finally:
+            model.train(was_training)
+        return {"modalities": modalities, "gradient_fidelity": fidelity, "logit_scale": scale,
+                "batch_size": batch, "probe": n}
+
+
+def flat_figures(report: dict[str, Any]) -> dict[str, float]:
+    """``{"amort/{modality}/{predictor}_{rmse,bias,corr}": value, "amort/grad_cosine": ...}`` (None left out)."""
+    flat: dict[str, float] = {}
+    for modality, entry in report["modalities"].items():
+        flat[f"amort/{modality}/target_std"] = entry["target"]["std"]
+        for name, s in entry["predictors"].items():
+            for key in ("rmse", "bias", "corr"):
+                if s[key] is not None:
+                    flat[f"amort/{modality}/{name}_{key}"] = s[key]
+    cosine = (report.get("gradient_fidelity") or {}).get("cosine")
+    if cosine is not None:
+        flat["amort/grad_cosine"] = cosine
+    return flat

@@ -13,7 +13,14 @@ import os
 import time
 from pathlib import Path
 
-from amorlip.tracking import BATCH_PARAMS, ensure_experiment, mlflow_client, store_artifact_location
+from amorlip.tracking import (
+    BATCH_PARAMS,
+    ensure_experiment,
+    mlflow_client,
+    send_dataset,
+    send_logged_model,
+    store_artifact_location,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,13 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> list[str
                 log.warning("replay: artifact %s no longer exists; skipped", ev["path"])
         elif kind == "dict":
             client.log_dict(run_id, ev["obj"], ev["artifact_file"])
+        elif kind == "input":
+            send_dataset(client, run_id, ev)
+        elif kind == "model":
+            if Path(ev["path"]).exists():
+                send_logged_model(client, run_id, ev)
+            else:
+                log.warning("replay: model file %s no longer exists; skipped", ev["path"])
         elif kind == "end":
             client.set_terminated(run_id, status=ev.get("status", "FINISHED"))
     done = path.with_name(path.name + ".replayed")

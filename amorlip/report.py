@@ -267,6 +267,8 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
                       "missing or unsupported, see results/<run>/" + s + ".json): "
                       + ", ".join(f"`{k}`" for k in missing), ""]
 
+    lines += _amortization_markdown(config, data, rows)
+
     notes = []
     for name, info in data.items():
         if info["config"].method == "amorlip":
@@ -284,6 +286,83 @@ def summary_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: 
                  "recall@1; the suite's chance mean averages the covered tasks' chance levels.")
     lines += ["## Notes", ""] + notes + [""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- amortization
+
+
+AMORT_MODALITIES = ("image", "text")
+
+
+def amortization_epochs(records: list[dict]) -> list[dict]:
+    """The trainer's per-epoch amortization records of a metrics.jsonl (``kind: amortization``), by step."""
+    return sorted((r for r in records if r.get("kind") == "amortization"), key=lambda r: r["step"])
+
+
+def _amortization_markdown(config: Mapping[str, Any], data: Mapping[str, dict], rows: list[dict]) -> list[str]:
+    """Each AmorLIP run's last-epoch amortization figures (train.json) beside its zero-shot suite means."""
+    amor = [name for name, info in data.items() if info["config"].method == "amorlip"]
+    if not amor:
+        return []
+    suites = config["evaluation"]["suites"]
+    by_run = {row["run"]: row for row in rows}
+    lines = ["## Amortization (AmorLIP runs)", "",
+             "The lambda nets' log-partition estimates at the end of the last epoch, on a probe of training "
+             "samples, against the population target at the run's global batch (docs/architecture.md, "
+             "\"Amortization diagnostics\"): RMSE of the EMA net, of the batch's own in-batch estimate and of "
+             "a constant (the target's spread), the EMA net's correlation with the target, and the gradient "
+             "fidelity (cosine between one batch's encoder gradient and the whole probe's). A lambda net "
+             "whose RMSE is not below the constant's has learnt nothing sample-specific; one not below the "
+             "in-batch RMSE gives the encoders nothing a plain batch would not.", ""]
+    header = ["run", "epoch"] + [f"{s} mean" for s in suites]
+    for m in AMORT_MODALITIES:
+        header += [f"{m} ema rmse", f"{m} in-batch rmse", f"{m} constant rmse", f"{m} ema corr"]
+    header += ["grad cosine"]
+    body = []
+    for name in amor:
+        last = data[name]["train"].get("amortization")
+        cells = [name, "–" if not last else str(last["epoch"])]
+        cells += [_cell(by_run.get(name, {}).get(f"{s}/mean")) for s in suites]
+        for m in AMORT_MODALITIES:
+            preds = ((last or {}).get("modalities", {}).get(m) or {}).get("predictors", {})
+            cells += [_cell((preds.get(p) or {}).get("rmse"), 4) for p in ("ema", "in_batch", "constant")]
+            cells += [_cell((preds.get("ema") or {}).get("corr"), 3)]
+        cells += [_cell(((last or {}).get("gradient_fidelity") or {}).get("cosine"), 4)]
+        body.append(cells)
+    lines += _md_table(header, body) + [""]
+    lines += ["Over epochs: `plots/amortization.png` (EMA-net vs in-batch RMSE per epoch, from metrics.jsonl). "
+              "A dash: no measurement (diagnostics_every_epochs 0, or a run trained before it existed).", ""]
+    return lines
+
+
+def plot_amortization(data: Mapping[str, dict], out: Path) -> Path | None:
+    """One panel per AmorLIP run: EMA lambda-net RMSE and in-batch RMSE against epoch, per modality."""
+    curves = {name: amortization_epochs(info["curve"]) for name, info in data.items()
+              if info["config"].method == "amorlip"}
+    curves = {name: recs for name, recs in curves.items() if recs}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 3.6), squeeze=False)
+    styles = {"image": "tab:blue", "text": "tab:orange"}
+    for ax, (name, recs) in zip(axes.flat, curves.items()):
+        epochs = [r["epoch"] for r in recs]
+        for m, colour in styles.items():
+            for predictor, line, label in (("ema", "-", "lambda (ema)"), ("in_batch", "--", "in-batch")):
+                key = f"amort/{m}/{predictor}_rmse"
+                pts = [(e, r[key]) for e, r in zip(epochs, recs) if r.get(key) is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], line, color=colour, marker="o",
+                            label=f"{m} {label}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("RMSE vs population log-partition")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
 
 
 # --------------------------------------------------------------------------- seed spread
@@ -369,6 +448,48 @@ def _pyplot():
     return plt
 
 
+def loss_series(records: list[dict]) -> tuple[dict[str, list], dict[str, list]]:
+    """``(encoder, lambda)``: each loss term's ``(step, value)`` points, the lambda-net losses apart.
+
+    A term that repeats another point for point (CLIP logs its objective as both ``clip_loss`` and
+    ``loss``) is kept once, under its specific name.
+    """
+    keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")},
+                  key=lambda k: (k == "loss", k))  # specific names first: they win over "loss"
+    series: dict[str, list] = {}
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if pts and pts not in series.values():
+            series[key] = pts
+    lam = {k: v for k, v in series.items() if k.startswith("lambda")}
+    return {k: v for k, v in series.items() if k not in lam}, lam
+
+
+def panel_title(name: str, method: str) -> str:
+    """The run name, with the method only when the name does not already say it."""
+    return name if method in name.split("-") else f"{name} ({method})"
+
+
+def draw_loss_panel(ax, name: str, method: str, records: list[dict]) -> None:
+    """Encoder losses on the left axis (linear); lambda-net losses, whose spikes at epoch starts span
+    decades, on their own log-scale right axis, so neither flattens the other."""
+    encoder, lam = loss_series(records)
+    lines = [ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)[0] for key, pts in encoder.items()]
+    ax.set_ylabel("encoder loss")
+    if lam:
+        right = ax.twinx()
+        for i, (key, pts) in enumerate(lam.items()):
+            lines += right.plot([p[0] for p in pts], [p[1] for p in pts], label=key, color=f"C{len(encoder) + i}",
+                                alpha=0.7, linewidth=0.8)
+        values = [v for pts in lam.values() for _, v in pts]
+        right.set_yscale("log" if min(values) > 0 else "symlog")
+        right.set_ylabel("lambda loss (log)" if min(values) > 0 else "lambda loss (symlog)")
+    ax.set_title(panel_title(name, method))
+    ax.set_xlabel("step")
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
+
+
 def plot_loss_curves(data: Mapping[str, dict], out: Path) -> Path | None:
     """One panel per run: every logged loss term against step (objectives differ in scale)."""
     curves = {name: info["curve"] for name, info in data.items() if info["curve"]}
@@ -382,13 +503,7 @@ def plot_loss_curves(data: Mapping[str, dict], out: Path) -> Path | None:
     for ax in axes.flat[len(curves):]:
         ax.set_visible(False)
     for ax, (name, records) in zip(axes.flat, curves.items()):
-        keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
-        ax.set_title(f"{name} ({data[name]['config'].method})")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        draw_loss_panel(ax, name, data[name]["config"].method, records)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -430,6 +545,43 @@ def plot_suite_bars(suite: str, data: Mapping[str, dict], out: Path) -> Path | N
 # --------------------------------------------------------------------------- the pipeline step
 
 
+def parent_metrics(config: Mapping[str, Any], rows: list[dict]) -> tuple[dict[str, float], dict[str, str]]:
+    """The pipeline's results with keys that hold no run name, so they compare across pipelines:
+    ``eval/<suite>/best_mean_main`` and ``eval/<suite>/best_gain_vs_<baseline>_pct`` (percent), and
+    as params which run reached each (``eval.<suite>.best_run``, ``eval.<suite>.best_gain_run``).
+    The per-run values live on the training runs (``eval/<suite>/...``)."""
+    base_m = config["report"]["baseline_method"]
+    metrics: dict[str, float] = {}
+    best: dict[str, str] = {}
+    for s in config["evaluation"]["suites"]:
+        for col, metric, param in ((f"{s}/mean", f"eval/{s}/best_mean_main", f"eval.{s}.best_run"),
+                                   (f"{s}/gain_vs_{base_m}_pct", f"eval/{s}/best_gain_vs_{base_m}_pct",
+                                    f"eval.{s}.best_gain_run")):
+            scored = [(row[col], row["run"]) for row in rows if row.get(col) is not None]
+            if scored:
+                value, run = max(scored)
+                metrics[metric], best[param] = value, run
+    return metrics, best
+
+
+def log_gains_to_training_runs(config: Mapping[str, Any], data: Mapping[str, dict], rows: list[dict]) -> None:
+    """Each run's gain over its baseline (``eval/<suite>/gain_vs_<baseline>_pct``) on its training run."""
+    from amorlip.tracking import attach_run
+
+    base_m = config["report"]["baseline_method"]
+    offline_dir = Path(config["paths"]["results"]) / "mlflow-offline"
+    for row in rows:
+        gains = {f"eval/{s}/gain_vs_{base_m}_pct": row.get(f"{s}/gain_vs_{base_m}_pct")
+                 for s in config["evaluation"]["suites"]}
+        gains = {k: v for k, v in gains.items() if v is not None}
+        if not gains:
+            continue
+        run_id = (data[row["run"]].get("train") or {}).get("mlflow_run_id")
+        tracker = attach_run(config, run_id, offline_dir / f"train-report-{row['run']}.jsonl")
+        if tracker is not None:
+            tracker.log_metrics(gains, step=0)
+
+
 def report(config: Mapping[str, Any]) -> dict[str, Path]:
     """``amorlip report``: summary.csv / summary.md / plots, all logged to the MLflow parent run."""
     from amorlip.tracking import log_to_parent
@@ -442,19 +594,16 @@ def report(config: Mapping[str, Any]) -> dict[str, Path]:
     csv_path = write_csv(results_dir / "summary.csv", columns, rows)
     md_path = results_dir / "summary.md"
     atomic_write_text(md_path, summary_markdown(config, data, rows))
-    pngs = [p for p in [plot_loss_curves(data, plots / "loss_curves.png")]
+    pngs = [p for p in [plot_loss_curves(data, plots / "loss_curves.png"),
+                        plot_amortization(data, plots / "amortization.png")]
             + [plot_suite_bars(s, data, plots / f"{s}_tasks.png") for s in config["evaluation"]["suites"]] if p]
 
     base_m = config["report"]["baseline_method"]
-    metrics = {}
-    for row in rows:
-        for s in config["evaluation"]["suites"]:
-            for col, name in ((f"{s}/mean", "mean_main"), (f"{s}/gain_vs_{base_m}_pct", f"gain_vs_{base_m}_pct")):
-                if row.get(col) is not None:
-                    metrics[f"{row['run']}/{s}/{name}"] = row[col]
+    metrics, best = parent_metrics(config, rows)
+    log_gains_to_training_runs(config, data, rows)
     log_to_parent(config, metrics=metrics, artifacts=[csv_path, md_path, *pngs],
                   params={"runs": ",".join(data), "suites": ",".join(config["evaluation"]["suites"]),
-                          "baseline_method": base_m})
+                          "baseline_method": base_m, **best})
     log.info("report: %d run(s) -> %s, %s, %d plot(s) in %s", len(rows), csv_path, md_path, len(pngs), plots)
     return {"csv": csv_path, "md": md_path, **{p.stem: p for p in pngs}}
 

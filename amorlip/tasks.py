@@ -29,7 +29,14 @@ from amorlip.objectives.amorlip import (
     weighted_logits,
 )
 from amorlip.objectives.clip import as_fp32_scale, clip_loss
-from amorlip.objectives.distributed import gather_no_grad, world_size
+from amorlip.objectives.distributed import gather_no_grad, row_offset, world_size
+from amorlip.objectives.fastclip import (
+    fastclip_loss,
+    gamma_for_epoch,
+    log_batch_normalisers,
+    rgcl_value,
+    update_log_u,
+)
 from amorlip.objectives.siglip import siglip_loss
 from amorlip.objectives.temperature import clamp_logit_scale_, rescale_loss
 from amorlip.schedules import beta_for_epoch, is_ema_step, is_lambda_step, is_reinit_epoch, rho_for_epoch
@@ -41,6 +48,8 @@ class _Task:
     """What every method shares: the model call, the temperature clamp and a plain-torch step."""
 
     method = "base"
+    # True: training_forward takes ``indices`` (the batch's dense data-set indices, a CPU LongTensor)
+    needs_indices = False
 
     def __init__(self, run: RunConfig, model: nn.Module, group=None):
         self.run = run
@@ -68,9 +77,10 @@ class _Task:
         clamp_logit_scale_(self.model, self.run.max_logit_scale)
 
     def training_step(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int,
-                      optimizer: torch.optim.Optimizer) -> dict:
+                      optimizer: torch.optim.Optimizer, indices: torch.Tensor | None = None) -> dict:
         """Forward, zero_grad, backward, clip (``run.grad_clip``), step, clamp: plain-torch use and tests."""
-        out = self.training_forward(images, texts, step_in_epoch)
+        extra = {"indices": indices} if self.needs_indices else {}
+        out = self.training_forward(images, texts, step_in_epoch, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.run.grad_clip is not None:
@@ -275,6 +285,116 @@ class AmorlipTask(_Task):
         return self.lambdas.checksum()
 
 
+class FastclipTask(_Task):
+    """FastCLIP-v3 (RGCL-g) and SogCLR: per-sample moving estimates u of the global-batch normalisers.
+
+    u (log u, image and text) is kept for the whole data set on every rank, indexed by each sample's
+    dense data-set index (``batch["indices"]``, see ``amorlip.data.loader.dataset_offsets``); the
+    trainer calls :meth:`set_dataset_size` before the first step. Each step gathers the global batch's
+    log g and indices, so every rank applies the same update ``u <- (1 - gamma) u + gamma g`` to the
+    global batch's entries and u stays identical across ranks (and equal to a 1-rank run's). u is
+    updated before the loss reads it (docs/variants.md, "FastCLIP").
+
+    ``v3``: gamma follows the cosine schedule (1 in epoch 0 down to ``gamma_min``), the temperature is
+    learnable with rho. ``sogclr``: constant ``gamma``, fixed temperature (s keeps its initial value:
+    its gradient is an exact zero).
+    """
+
+    method = "fastclip"
+    needs_indices = True
+
+    def __init__(self, run: RunConfig, model: nn.Module, device: torch.device | str, group=None,
+                 dataset_size: int | None = None):
+        super().__init__(run, model, group)
+        if run.variant not in ("v3", "sogclr"):
+            raise ValueError(f"unknown fastclip variant {run.variant!r} (v3, sogclr)")
+        self.config = run.fastclip
+        self.device = torch.device(device)
+        self.learn_temperature = run.variant == "v3"
+        self.gamma = self._gamma(0)
+        self.log_u_img: torch.Tensor | None = None
+        self.log_u_txt: torch.Tensor | None = None
+        if dataset_size is not None:
+            self.set_dataset_size(dataset_size)
+
+    def _gamma(self, epoch: int) -> float:
+        fc = self.config
+        if self.run.variant == "sogclr":
+            return float(fc.gamma)
+        return gamma_for_epoch(epoch, fc.gamma_min, fc.gamma_decay_epochs)
+
+    def set_dataset_size(self, size: int) -> None:
+        """Allocate u (log u = -inf: u = 0, FastCLIP's start) for ``size`` samples; kept if already that size."""
+        if size < 1:
+            raise ValueError(f"dataset_size must be positive, got {size}")
+        if self.log_u_img is not None and self.log_u_img.numel() == size:
+            return
+        self.log_u_img = torch.full((size,), -math.inf, dtype=torch.float32, device=self.device)
+        self.log_u_txt = torch.full((size,), -math.inf, dtype=torch.float32, device=self.device)
+
+    def start_epoch(self, epoch: int, steps_per_epoch: int) -> None:
+        super().start_epoch(epoch, steps_per_epoch)
+        self.gamma = self._gamma(epoch)
+        log.info("epoch %d: fastclip gamma %.4f", epoch, self.gamma)
+
+    def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int,
+                         indices: torch.Tensor | None = None) -> dict:
+        if self.log_u_img is None:
+            raise RuntimeError("call set_dataset_size(n) before the first step (u is stored per data-set sample)")
+        if indices is None:
+            raise ValueError("FastCLIP needs each sample's dense data-set index: pass indices (batch['indices'])")
+        # no range check here (it would cost a host read per step): the loader derives indices from the
+        # sizes.json that set_dataset_size got and refuses a shard that holds more samples than it lists
+        fc = self.config
+        out = self._features(images, texts)
+        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        s = as_fp32_scale(scale, img.device)
+        s_used = s if self.learn_temperature else s.detach()
+        log_g = log_batch_normalisers(img, txt, s_used, group=self.group)
+        idx = indices.to(self.log_u_img.device, non_blocking=True).long()
+        # the global batch's u updates: every rank applies all of them, so u stays replicated
+        all_idx = gather_no_grad(idx, self.group)
+        all_g_img = gather_no_grad(log_g[0].float(), self.group)
+        all_g_txt = gather_no_grad(log_g[1].float(), self.group)
+        with torch.no_grad():
+            new_img = update_log_u(self.log_u_img[all_idx], all_g_img, self.gamma)
+            new_txt = update_log_u(self.log_u_txt[all_idx], all_g_txt, self.gamma)
+            self.log_u_img[all_idx] = new_img
+            self.log_u_txt[all_idx] = new_txt
+        rows = slice(self._row_offset(img.shape[0]), self._row_offset(img.shape[0]) + img.shape[0])
+        loss = fastclip_loss(img, txt, s_used, new_img[rows], new_txt[rows], rho=fc.rho, eps=fc.eps,
+                             learn_temperature=self.learn_temperature, group=self.group, log_g=log_g)
+        if not self.learn_temperature:
+            loss = loss + 0.0 * s  # fixed temperature: an exact zero gradient keeps every optimizer path uniform
+        return {
+            "loss": loss,
+            "fastclip_loss": rgcl_value(log_g[0], log_g[1], s, fc.rho if self.learn_temperature else 0.0, fc.eps),
+            "logit_scale": s.detach(),
+            "gamma": self.gamma,
+            "log_u_mean": 0.5 * (new_img.mean() + new_txt.mean()),
+        }
+
+    def _row_offset(self, local_batch: int) -> int:
+        return row_offset(local_batch, self.group)
+
+    def state_dict(self) -> dict:
+        if self.log_u_img is None:
+            return {}
+        return {"log_u_img": self.log_u_img.detach().cpu().clone(), "log_u_txt": self.log_u_txt.detach().cpu().clone(),
+                "gamma": float(self.gamma)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        size = state["log_u_img"].numel()
+        if self.log_u_img is not None and self.log_u_img.numel() != size:
+            raise ValueError(f"checkpoint holds u for {size} samples, the data set has {self.log_u_img.numel()}: "
+                             "resume on the same data")
+        self.log_u_img = state["log_u_img"].to(self.device, torch.float32).clone()
+        self.log_u_txt = state["log_u_txt"].to(self.device, torch.float32).clone()
+        self.gamma = float(state["gamma"])
+
+
 def lambda_adam_lr(am, group=None) -> float:
     """The lambda nets' Adam lr: ``lambda_lr``, times the world size under ``lambda_lr_scaling: world_size``.
 
@@ -303,4 +423,6 @@ def build_task(run: RunConfig, model: nn.Module, embed_dim: int, device: torch.d
         return SiglipTask(run, model, group)
     if run.method == "amorlip":
         return AmorlipTask(run, model, embed_dim, device, group)
-    raise ValueError(f"unknown method {run.method!r} (clip, siglip, amorlip)")
+    if run.method == "fastclip":
+        return FastclipTask(run, model, device, group)
+    raise ValueError(f"unknown method {run.method!r} (clip, siglip, amorlip, fastclip)")

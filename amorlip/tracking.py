@@ -17,6 +17,7 @@ paths, dicts) is appended to a local JSONL file; ``amorlip mlflow replay FILE`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -93,18 +94,46 @@ def store_artifact_location(uri: str) -> str | None:
     return None
 
 
+# The experiment kind MLflow's UI reads (tag ``mlflow.experimentKind``): without it the UI guesses and
+# may open the GenAI/Traces view; this one opens the runs table of a model-training experiment.
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "AmorLIP reproduction: contrastive language-image pretraining with amortized partition-function "
+    "estimation, compared with CLIP/SigLIP baselines. One parent run per pipeline (tag "
+    "`amorlip.kind = pipeline`); its children are the training runs (`amorlip.kind = train`: params, "
+    "per-step losses, zero-shot results as `eval/<suite>/<task>` in percent) and the evaluation runs "
+    "(`amorlip.kind = evaluate`, linked to their training run by the tag `amorlip.train_run_id`)."
+)
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created when missing; tagged with its kind and description when unset."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        # another job created it between our lookup and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            # another job created it between our lookup and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    tags = exp.tags if exp is not None else {}
+    if "mlflow.experimentKind" not in tags:
+        client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if "mlflow.note.content" not in tags:  # a description set by a person is kept
+        client.set_experiment_tag(exp_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    return exp_id
+
+
+def parent_run_name(config: Mapping[str, Any], now: float | None = None) -> str:
+    """``{name}-{UTC date and time}-{config digest}``: unique per launch, and two launches of one
+    configuration share the digest (``demo-20261206-151004-3f9a2c``)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{config['name']}-{stamp}-{digest}"
 
 
 def read_parent(config: Mapping[str, Any]) -> dict:
@@ -128,6 +157,67 @@ def standard_tags(kind: str) -> dict[str, str]:
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
+
+
+def send_dataset(client, run_id: str, payload: Mapping[str, Any]) -> None:
+    """Log one dataset input (``payload`` as :meth:`Tracker.log_dataset` records it) to ``run_id``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(payload["name"], payload["digest"], payload["source_type"], payload["source"],
+                      profile=payload.get("profile"))
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        dataset, tags=[InputTag("mlflow.data.context", payload.get("context") or "train")])])
+
+
+def send_logged_model(client, run_id: str, payload: Mapping[str, Any]) -> str:
+    """Create a logged model from one file (``payload`` as :meth:`Tracker.log_model` records it), as an
+    output of ``run_id`` at ``step``, and mark it READY; returns the model id."""
+    import shutil
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name=payload["name"], source_run_id=run_id,
+                                       params=payload.get("params") or None)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / Path(payload["path"]).name
+        try:
+            os.link(payload["path"], dst)  # no copy of a large file when the filesystem allows
+        except OSError:
+            shutil.copy2(payload["path"], dst)
+        client.log_model_artifacts(model.model_id, tmp)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, payload.get("step") or 0)])
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
+
+
+def manifest_dataset(config: Mapping[str, Any], dataset: str) -> dict[str, Any] | None:
+    """``data/{dataset}/manifest.json`` as an MLflow dataset input: name, digest (the manifest's sha256,
+    cut to MLflow's 36 characters), source (the url list, else the data folder) and a profile with
+    the counts and the full digests. None when the manifest is missing or unreadable."""
+    from amorlip.provenance import file_sha256
+
+    data_dir = Path(config["paths"]["data"]) / dataset
+    manifest_path = data_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    sha = file_sha256(manifest_path)
+    ds = (config.get("datasets") or {}).get(dataset) or {}
+    url_list = ds.get("url_list") if ds.get("source") == "url_list" else None
+    where = str(url_list) if url_list else str(data_dir.resolve())
+    if where.startswith(("http://", "https://")):
+        source_type, source = "http", json.dumps({"url": where})
+    else:
+        source_type, source = "local", json.dumps({"uri": where})
+    profile = {"num_rows": manifest.get("samples"), "shards": manifest.get("shards"),
+               "urls": manifest.get("urls"), "failed": manifest.get("failed"),
+               "image_size": manifest.get("image_size"), "manifest_sha256": sha,
+               "samples_sha256": manifest.get("samples_sha256"), "manifest": str(manifest_path.resolve())}
+    return {"name": dataset, "digest": sha[:36], "source_type": source_type, "source": source,
+            "profile": json.dumps(profile)}
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -253,6 +343,20 @@ class Tracker:
         self._call("artifact", {"path": path, "artifact_path": artifact_path},
                    lambda: self._client.log_artifact(self._run_id, path, artifact_path))
 
+    def log_dataset(self, name: str, digest: str, source_type: str, source: str, profile: str | None = None,
+                    context: str = "train") -> None:
+        """A dataset input of the run (MLflow's Dataset column; ``mlflow.data.context`` = ``context``)."""
+        payload = {"name": name, "digest": digest, "source_type": source_type, "source": source,
+                   "profile": profile, "context": context}
+        self._call("input", payload, lambda: send_dataset(self._client, self._run_id, payload))
+
+    def log_model(self, path: str | os.PathLike, name: str, step: int = 0,
+                  params: Mapping[str, Any] | None = None) -> None:
+        """``path`` (one file) as an MLflow logged model of this run (the run's Models column)."""
+        payload = {"path": str(Path(path).resolve()), "name": name, "step": int(step),
+                   "params": {k: _param_value(v) for k, v in (params or {}).items()}}
+        self._call("model", payload, lambda: send_logged_model(self._client, self._run_id, payload))
+
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self._call("dict", {"obj": obj, "artifact_file": artifact_file},
                    lambda: self._client.log_dict(self._run_id, obj, artifact_file))
@@ -321,6 +425,38 @@ def child_run(config: Mapping[str, Any], name: str, kind: str, tags: Mapping[str
     tracker.end(tracker.final_status or "FINISHED")
 
 
+def train_run_id(config: Mapping[str, Any], run: str) -> str | None:
+    """The MLflow run id of training run ``run`` (from ``runs/{run}/train.json``; None without one)."""
+    try:
+        summary = json.loads((Path(config["paths"]["runs"]) / run / "train.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("mlflow_run_id") or None
+
+
+def attach_run(config: Mapping[str, Any], run_id: str | None, offline_path: str | os.PathLike) -> Tracker | None:
+    """A tracker that logs more onto an existing run (a finished training run) without ending it.
+
+    None when ``run_id`` is empty or this store does not know it (the run was logged elsewhere);
+    during an outage the tracker is offline and its events go to ``offline_path`` for replay.
+    """
+    if not run_id:
+        return None
+    uri = config_tracking_uri(config)
+    tracker = Tracker(uri, offline_path, experiment=config["mlflow"]["experiment"], run_id=run_id)
+    try:
+        tracker._client = mlflow_client(uri)
+        tracker._client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 -- tracking must never kill the job
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            log.warning("MLflow run %s is not in %s; nothing logged onto it", run_id, uri)
+            return None
+        tracker._go_offline(exc)
+    return tracker
+
+
 # --------------------------------------------------------------------------- the pipeline parent
 
 
@@ -338,8 +474,8 @@ def init_pipeline(config: Mapping[str, Any], out: str | os.PathLike) -> dict:
         exp_id = ensure_experiment(client, config["mlflow"]["experiment"], store_artifact_location(uri))
         tags = {"amorlip.kind": "pipeline", "snakemake.rule": os.environ.get("SNAKEMAKE_RULE", "mlflow_init"),
                 **git_tags()}
-        run = client.create_run(exp_id, tags=tags, run_name=config["name"])
-        record.update(run_id=run.info.run_id, experiment_id=exp_id)
+        run = client.create_run(exp_id, tags=tags, run_name=parent_run_name(config))
+        record.update(run_id=run.info.run_id, experiment_id=exp_id, run_name=run.info.run_name)
         log.info("MLflow parent run %s (experiment %s) at %s", run.info.run_id, exp_id, uri)
     except Exception as exc:  # noqa: BLE001 -- the pipeline must go on without tracking
         record["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -360,8 +496,8 @@ def log_to_parent(config: Mapping[str, Any], metrics: Mapping[str, Any] | None =
     parent = read_parent(config)
     uri = config_tracking_uri(config)
     offline = Path(config["paths"]["results"]) / "mlflow-offline" / "pipeline-parent.jsonl"
-    tracker = Tracker(uri, offline, experiment=config["mlflow"]["experiment"], run_name=config["name"],
-                      run_id=parent.get("run_id"))
+    tracker = Tracker(uri, offline, experiment=config["mlflow"]["experiment"],
+                      run_name=parent.get("run_name") or parent_run_name(config), run_id=parent.get("run_id"))
     if not parent.get("run_id") or parent.get("tracking_uri") != uri:
         # no parent in this store (init failed, or the URI changed): start one now so the report lands
         tracker.start(artifact_location=store_artifact_location(uri))

@@ -21,7 +21,10 @@ from amorlip.diagnostics import (
     DiagnoseError,
     diagnose,
     diagnose_features,
+    flat_figures,
+    gradient_fidelity,
     in_batch_log_partition,
+    objective_on_features,
     population_log_partition,
     prev_lambda_states,
     score,
@@ -207,6 +210,9 @@ def test_diagnose_cli_on_the_exported_amorlip_model(tmp_path_factory):
             got = entry["predictors"][name]
             assert math.isfinite(got["rmse"]) and math.isfinite(got["bias"]) and -1 <= got["corr"] <= 1
     assert "ema" in res.stdout and "target std" in res.stdout and "text" in res.stdout
+    fidelity = report["gradient_fidelity"]
+    assert fidelity["batch_size"] == 16 and fidelity["probe"] == 100 and -1 <= fidelity["cosine"] <= 1
+    assert "gradient fidelity: cosine" in res.stdout
 
     scratch = tmp_path_factory.mktemp("diag")
     with pytest.raises(DiagnoseError, match="batch size 16"):
@@ -228,3 +234,90 @@ def test_diagnose_cli_on_the_exported_amorlip_model(tmp_path_factory):
     config["paths"]["runs"] = str(scratch / "runs")
     with pytest.raises(DiagnoseError, match="clip run without lambda nets"):
         diagnose(config, "amor")
+
+
+# --------------------------------------------------------------------------- gradient fidelity
+
+
+def _linear_encoder(n: int, d_in: int, d: int, seed: int):
+    """A float64 linear two-tower "encoder" on fixed inputs: the params and ``encode(indices)``."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d_in, generator=gen, dtype=torch.float64), torch.randn(n, d_in, generator=gen,
+                                                                                 dtype=torch.float64)
+    w_img = torch.randn(d_in, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+    w_txt = torch.randn(d_in, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    def encode(idx):
+        f = torch.nn.functional.normalize
+        return f(a[idx] @ w_img, dim=1), f((a[idx] + 0.5 * b[idx]) @ w_txt, dim=1)
+
+    return [w_img, w_txt], encode
+
+
+def _reference_grad(params, encode, idx, method, scale, p):
+    """One float64 graph through the whole batch, written out from the definitions (no library loss)."""
+    x, y = encode(idx)
+    logits = scale * (x @ y.T)
+    if method == "clip":
+        labels = torch.arange(len(idx))
+        loss = (torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    else:
+        w = torch.ones_like(logits) + torch.eye(len(idx), dtype=logits.dtype) * (p - 1)
+        z_img = (w * logits.exp()).sum(1).detach()
+        z_txt = (w * logits.exp()).sum(0).detach()
+        loss = (-2 * scale * (x * y).sum(1).mean() + ((w * logits.exp()).sum(1) / z_img).mean()
+                + ((w * logits.exp()).sum(0) / z_txt).mean())
+    grads = torch.autograd.grad(loss, params)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("method,p", [("clip", 1.0), ("amorlip", 1.0), ("amorlip", 1e-3)])
+def test_gradient_fidelity_matches_a_float64_reference(method, p):
+    n, batch, scale = 40, 8, 7.0
+    params, encode = _linear_encoder(n, 6, 5, seed=3)
+    loss = lambda a, b: objective_on_features(method, a, b, scale, p)  # noqa: E731
+    got = gradient_fidelity(encode, params, n, batch, loss, torch.Generator().manual_seed(11), chunk=3)
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(11))[:batch]
+    g_b = _reference_grad(params, encode, chosen, method, scale, p)
+    g_n = _reference_grad(params, encode, torch.arange(n), method, scale, p)
+    expected = float(g_b @ g_n / (g_b.norm() * g_n.norm()))
+    # the project's losses compute in fp32 (the training code's own), the reference in float64
+    assert got == {"cosine": pytest.approx(expected, abs=1e-6), "batch_size": batch, "probe": n}
+    assert expected < 0.999  # a batch of 8 out of 40 is not the whole probe's direction
+    # B = N: the batch is the probe (in another order), the same direction exactly
+    whole = gradient_fidelity(encode, params, n, n, loss, torch.Generator().manual_seed(11), chunk=7)
+    assert whole["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_amorlip_gradient_fidelity_equals_clips_at_pos_coef_one():
+    """With p = 1 and Lambda = the batch's sums the AmorLIP encoder gradient is 2 x CLIP's (docs/method.md),
+    so the two cosines are the same number."""
+    n, batch, scale = 30, 6, 10.0
+    params, encode = _linear_encoder(n, 4, 3, seed=5)
+    cos = {m: gradient_fidelity(encode, params, n, batch, lambda a, b, m=m: objective_on_features(m, a, b, scale, 1.0),
+                                torch.Generator().manual_seed(2))["cosine"] for m in ("clip", "amorlip")}
+    assert cos["amorlip"] == pytest.approx(cos["clip"], abs=1e-6)
+    with pytest.raises(ValueError, match="batch size 31"):
+        gradient_fidelity(encode, params, n, 31, lambda a, b: a.sum(), torch.Generator())
+
+
+@pytest.mark.dist
+def test_training_records_per_epoch_amortization(tmp_path_factory):
+    """The tiny AmorLIP run (2 epochs of 12 steps) measures itself at the end of each epoch."""
+    root = shared_root(tmp_path_factory)
+    ensure_trained(root, "amor")
+    run_dir = root / "runs" / "amor"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    amort = [r for r in records if r.get("kind") == "amortization"]
+    assert [(r["epoch"], r["step"]) for r in amort] == [(0, 12), (1, 24)]
+    for r in amort:
+        for m in ("image", "text"):
+            for name in ("ema", "prev", "in_batch", "constant"):
+                assert math.isfinite(r[f"amort/{m}/{name}_rmse"]) and math.isfinite(r[f"amort/{m}/{name}_bias"])
+            assert r[f"amort/{m}/constant_rmse"] == pytest.approx(r[f"amort/{m}/target_std"], rel=1e-9)
+        assert -1 <= r["amort/grad_cosine"] <= 1
+    summary = json.loads((run_dir / "train.json").read_text())
+    last = summary["amortization"]
+    assert last["epoch"] == 1 and last["step"] == 24 and last["batch_size"] == 16 and last["probe"] == 192
+    assert flat_figures(last) == {k: v for k, v in amort[-1].items() if k.startswith("amort/")}

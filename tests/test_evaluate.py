@@ -320,6 +320,54 @@ def test_tasks_json_suite_and_mlflow_child(tmp_path, monkeypatch):
     assert client.get_run(res["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
 
 
+def test_eval_results_land_on_the_training_run(tmp_path, monkeypatch):
+    """Zero-shot results (percent) on the training run, so one runs table sorts accuracy against lr;
+    the evaluation child run names its training run by id."""
+    from mlflow import MlflowClient
+
+    from amorlip.config import load_config
+    from amorlip.tracking import child_run, init_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data, results, runs = tmp_path / "data", tmp_path / "results", tmp_path / "runs"
+    root = data / "evalsets" / "emoji-heldout"
+    write_classification_set(root / "category", BALANCED)
+    (root / "tasks.json").write_text(json.dumps({"suite": "emoji-heldout", "tasks": [
+        {"key": "category", "type": "classification", "path": "category", "main_metric": "acc1",
+         "group": "classification", "num_classes": 6}]}))
+    config = load_config({"paths": {"data": str(data), "results": str(results), "runs": str(runs)}},
+                         check_paths=False)
+    init_pipeline(config, results / "mlflow_parent.json")
+    train_ids = {}
+    for name, lr, model in (("good", 1e-3, KnownModel(6)), ("bad", 1e-1, KnownModel(6, "shifted"))):
+        with child_run(config, name, "train") as tracker:
+            tracker.log_params({"lr": lr})
+        train_ids[name] = tracker.run_id
+        (runs / name).mkdir(parents=True)
+        (runs / name / "train.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
+        res = runner.evaluate_loaded(config, name, "emoji-heldout", results / name / "emoji-heldout.json", model,
+                                     TRANSFORM, ClassTokenizer(NAMES), meta={"step": 7})
+        ev = MlflowClient(f"sqlite:///{results / 'mlflow.db'}").get_run(res["mlflow_run_id"])
+        assert ev.data.tags["amorlip.train_run_id"] == tracker.run_id
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    good = client.get_run(train_ids["good"])
+    assert good.info.status == "FINISHED"  # logging onto it did not reopen it
+    assert good.data.metrics["eval/emoji-heldout/mean_main"] == 100.0
+    assert good.data.metrics["eval/emoji-heldout/category"] == 100.0
+    assert good.data.metrics["eval/emoji-heldout/group/classification"] == 100.0
+    assert good.data.metrics["eval/emoji-heldout/chance_mean_main"] == pytest.approx(100 / 6)
+    assert [m.step for m in client.get_metric_history(train_ids["good"], "eval/emoji-heldout/mean_main")] == [7]
+    assert client.get_run(train_ids["bad"]).data.metrics["eval/emoji-heldout/mean_main"] == 0.0
+    # one query over the training runs: accuracy sorted, with lr beside it
+    table = client.search_runs([good.info.experiment_id], "tags.`amorlip.kind` = 'train'",
+                               order_by=["metrics.`eval/emoji-heldout/mean_main` DESC"])
+    assert [(r.data.params["lr"], r.data.metrics["eval/emoji-heldout/mean_main"]) for r in table] == [
+        ("0.001", 100.0), ("0.1", 0.0)]
+    # the training run points at its evaluation run too
+    assert good.data.tags["amorlip.eval_run_id.emoji-heldout"] != train_ids["good"]
+
+
 # --------------------------------------------------------------------------- download (real HTTP on loopback)
 
 

@@ -75,7 +75,7 @@ def _worker(rank: int, port: int, out: str, method: str) -> None:
     from amorlip.train.progress import Throughput
     from amorlip.train.run import build_model_engine_task
 
-    name = {"amorlip": "amorlip-published", "clip": "clip"}[method]
+    name = {"amorlip": "amorlip-published", "clip": "clip", "fastclip": "fastclip-v3"}[method]
     # no logging step, no checkpoint inside the window; lr_logit_scale_thresh on (it reads s from the flags)
     run = run_config(name, 1, log_every=1000, checkpoint_every=1000, lr_logit_scale=1e-4, lr_logit_scale_thresh=0.03)
     world = dist_utils.make_world(run.batch_size, run.world_size)
@@ -107,7 +107,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("method", ["amorlip", "clip"])
+@pytest.mark.parametrize("method", ["amorlip", "clip", "fastclip"])
 def test_at_most_one_host_read_per_non_logging_step(tmp_path, method):
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path), method), nprocs=1, join=True,
                        start_method="spawn")

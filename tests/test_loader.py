@@ -205,3 +205,56 @@ def test_a_batch_larger_than_the_dataset_is_refused(shards):
     assert "batch_size to at most 64" in str(info.value)
     batch = next(iter(_loader(folder, local_batch_size=64).epoch(0)))  # exactly the dataset: each once
     assert len(batch["keys"]) == len(set(batch["keys"])) == 64
+
+
+def _expected_indices(folder: Path) -> dict[str, int]:
+    """key -> dense index, read independently: shards by name, key groups with an image in tar order."""
+    import tarfile
+
+    out: dict[str, int] = {}
+    for tar in sorted(folder.glob("*.tar")):
+        keys: list[str] = []
+        with tarfile.open(tar) as tf:
+            for name in tf.getnames():
+                key, ext = name.split(".", 1)
+                if ext in ("jpg", "jpeg", "png", "webp") and key not in keys:
+                    keys.append(key)
+        out.update({k: len(out) + i for i, k in enumerate(keys)})
+    return out
+
+
+def _pairs(batches: list[dict]) -> list[tuple[str, int]]:
+    pairs = []
+    for b in batches:
+        assert b["indices"].dtype == torch.long and b["indices"].shape == (len(b["keys"]),)
+        pairs.extend(zip(b["keys"], b["indices"].tolist(), strict=True))
+    return pairs
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_dense_indices_name_the_same_sample_across_shard_order_workers_ranks_and_resume(shards):
+    folder, keys = shards
+    expected = _expected_indices(folder)
+    assert sorted(expected.values()) == list(range(64))
+    seen: list[tuple[str, int]] = []
+    for epoch in (0, 1):  # each epoch reads the shards in another order
+        seen += _pairs(list(_loader(folder).epoch(epoch)))
+    for rank in range(2):
+        loader = _loader(folder, rank=rank, world_size=2, workers=2, local_batch_size=2)
+        seen += _pairs(list(loader.epoch(3)))
+        seen += _pairs(list(loader.epoch(3, start_step=5)))  # resume
+    assert {k for k, _ in seen} == set(keys)
+    assert all(expected[k] == i for k, i in seen)
+
+
+def test_dense_indices_when_slots_split_shards_and_samples_are_damaged(tmp_path):
+    keys = make_shards(tmp_path, n_shards=2, per_shard=8,
+                       corrupt={"missing_image": 0, "empty_caption": 0, "garbage_image": 1})
+    expected = _expected_indices(tmp_path)
+    assert sorted(expected.values()) == list(range(sum(read_sizes(tmp_path).values())))
+    seen = []
+    for rank in range(2):
+        seen += _pairs(list(_loader(tmp_path, rank=rank, world_size=2, workers=2,
+                                    local_batch_size=2).epoch(0)))
+    assert seen and {k for k, _ in seen} <= set(keys)  # damaged samples never appear
+    assert all(expected[k] == i for k, i in seen)

@@ -127,10 +127,73 @@ def test_report_table_plots_and_parent_run(pipeline, capsys):
     assert {a.path for a in client.list_artifacts(parent_id, "plots")} >= {
         "plots/loss_curves.png", "plots/emoji-heldout_tasks.png"} or \
         {a.path for a in client.list_artifacts(parent_id)} >= {"loss_curves.png", "emoji-heldout_tasks.png"}
-    assert parent.data.metrics["amorlip/emoji-heldout/gain_vs_clip_pct"] == pytest.approx(12.5)
+    # no run names in the parent's keys: the run is a param beside the value
+    assert parent.data.metrics["eval/emoji-heldout/best_gain_vs_clip_pct"] == pytest.approx(12.5)
+    assert parent.data.metrics["eval/emoji-heldout/best_mean_main"] == pytest.approx(45.0)
+    assert parent.data.params["eval.emoji-heldout.best_run"] == "amorlip"
+    assert parent.data.params["eval.emoji-heldout.best_gain_run"] == "amorlip"
+    assert not [k for k in parent.data.metrics if any(run in k.split("/") for run in rows)]
     assert parent.info.status == "FINISHED"
 
     print_demo_summary(pipeline)
     printed = capsys.readouterr().out
     assert "| amorlip | amorlip | published |" in printed
     assert f"mlflow ui --backend-store-uri sqlite:///{results.resolve() / 'mlflow.db'}" in printed
+
+
+def test_gains_land_on_the_training_runs(pipeline):
+    """Each training run gets its gain over the baseline next to its zero-shot results."""
+    from mlflow import MlflowClient
+
+    from amorlip.tracking import child_run
+
+    runs = Path(pipeline["paths"]["runs"])
+    ids = {}
+    for name in ("clip", "amorlip"):
+        with child_run(pipeline, name, "train") as tracker:
+            tracker.log_params({"method": name})
+        ids[name] = tracker.run_id
+        summary = json.loads((runs / name / "train.json").read_text())
+        (runs / name / "train.json").write_text(json.dumps(summary | {"mlflow_run_id": tracker.run_id}))
+    report(pipeline)
+    client = MlflowClient(f"sqlite:///{Path(pipeline['paths']['results']) / 'mlflow.db'}")
+    amor = client.get_run(ids["amorlip"])
+    assert amor.data.metrics["eval/emoji-heldout/gain_vs_clip_pct"] == pytest.approx(12.5)
+    assert amor.info.status == "FINISHED"
+    assert "eval/emoji-heldout/gain_vs_clip_pct" not in client.get_run(ids["clip"]).data.metrics
+
+
+def test_loss_panels_separate_lambda_axis_and_drop_duplicates(pipeline):
+    """lambda_loss on its own log axis, CLIP's `loss` (= clip_loss) drawn once, no doubled names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from amorlip.report import collect, draw_loss_panel, loss_series, panel_title, plot_loss_curves
+
+    clip = [{"step": s, "loss": 5.0 / s, "clip_loss": 5.0 / s} for s in range(1, 21)]
+    amor = [{"step": s, "loss": 2.0 / s, "amorlip_loss": 2.0 / s + 1, "lambda_loss": 37.0 if s % 10 == 1 else 0.01}
+            for s in range(1, 21)]
+    encoder, lam = loss_series(clip)
+    assert list(encoder) == ["clip_loss"] and lam == {}
+    encoder, lam = loss_series(amor)
+    assert list(encoder) == ["amorlip_loss", "loss"] and list(lam) == ["lambda_loss"]
+    assert panel_title("clip-b64-s0", "clip") == "clip-b64-s0"
+    assert panel_title("baseline", "clip") == "baseline (clip)"
+
+    fig, (a1, a2) = plt.subplots(1, 2)
+    draw_loss_panel(a1, "clip", "clip", clip)
+    draw_loss_panel(a2, "amorlip-b64-s0", "amorlip", amor)
+    assert [line.get_label() for line in a1.get_lines()] == ["clip_loss"] and a1.get_title() == "clip"
+    assert a1.get_yscale() == "linear" and len(fig.axes) == 3  # one twin axis, for the AmorLIP panel only
+    twin = next(ax for ax in fig.axes if ax not in (a1, a2))
+    assert twin.get_yscale() == "log" and [line.get_label() for line in twin.get_lines()] == ["lambda_loss"]
+    assert [line.get_label() for line in a2.get_lines()] == ["amorlip_loss", "loss"]
+    assert max(max(line.get_ydata()) for line in a2.get_lines()) < 5  # the spikes are not on this axis
+    assert [t.get_text() for t in a2.get_legend().get_texts()] == ["amorlip_loss", "loss", "lambda_loss"]
+    plt.close(fig)
+
+    # the pipeline's report plot draws through the same panels
+    out = plot_loss_curves(collect(pipeline), Path(pipeline["paths"]["results"]) / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

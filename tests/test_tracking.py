@@ -81,7 +81,32 @@ def test_parent_and_child_visible_in_sqlite_store(tmp_path):
     log_to_parent(config, metrics={"mean_main": 0.5}, artifacts=[artifact])
     prun = client.get_run(parent["run_id"])
     assert prun.data.metrics["mean_main"] == 0.5 and prun.info.status == "FINISHED"
-    assert prun.info.run_name == "pipe-test"
+    assert prun.info.run_name == parent["run_name"]
+
+
+def test_experiment_kind_description_and_unique_parent_names(tmp_path):
+    """The UI opens a model-training experiment with a description; two launches get two names."""
+    from amorlip.tracking import EXPERIMENT_KIND, parent_run_name
+
+    config = _config(tmp_path)
+    first = init_pipeline(config, tmp_path / "results" / "p1.json")
+    second = init_pipeline(config, tmp_path / "results" / "p2.json")
+    client = MlflowClient(first["tracking_uri"])
+    exp = client.get_experiment(first["experiment_id"])
+    assert EXPERIMENT_KIND == "custom_model_development"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "AmorLIP" in exp.tags["mlflow.note.content"]
+    names = [client.get_run(p["run_id"]).info.run_name for p in (first, second)]
+    assert names == [first["run_name"], second["run_name"]]
+    # config name, UTC timestamp and a config digest; the digest is shared, the runs are not the same
+    assert all(n.startswith("pipe-test-") for n in names) and first["run_id"] != second["run_id"]
+    assert names[0].rsplit("-", 1)[1] == names[1].rsplit("-", 1)[1]
+    assert parent_run_name(config, now=0) == f"pipe-test-19700101-000000-{names[0].rsplit('-', 1)[1]}"
+    assert parent_run_name(config, now=1) != parent_run_name(config, now=0)
+    # a description a person wrote is kept
+    client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", "mine")
+    init_pipeline(config, tmp_path / "results" / "p3.json")
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.note.content"] == "mine"
 
 
 def test_child_run_marks_failure_and_reopens(tmp_path):
@@ -146,3 +171,89 @@ def test_disabled_tracker_does_nothing(tmp_path):
         tracker.log_params({"a": 1})
     assert tracker.run_id is None
     assert not (tmp_path / "results").exists()
+
+
+def _manifest(tmp_path, dataset="emoji-demo"):
+    path = tmp_path / "data" / dataset / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"dataset": dataset, "samples": 120, "shards": 2, "urls": 130, "failed": 10,
+                                "image_size": 256, "samples_sha256": "ab" * 32}))
+    return path
+
+
+def test_dataset_input_from_manifest(tmp_path):
+    """The training data as an MLflow dataset input: name, manifest digest, source, counts."""
+    from amorlip.provenance import file_sha256
+    from amorlip.tracking import manifest_dataset
+
+    config = _config(tmp_path)
+    assert manifest_dataset(config, "emoji-demo") is None  # not downloaded yet: nothing to log
+    manifest = _manifest(tmp_path)
+    init_pipeline(config, tmp_path / "results" / "mlflow_parent.json")
+    with child_run(config, "r1", "train") as tracker:
+        tracker.log_dataset(**manifest_dataset(config, "emoji-demo"), context="train")
+    client = MlflowClient(tracker.uri)
+    (inp,) = client.get_run(tracker.run_id).inputs.dataset_inputs
+    sha = file_sha256(manifest)
+    assert inp.dataset.name == "emoji-demo" and inp.dataset.digest == sha[:36]
+    assert inp.dataset.source_type == "local"
+    assert json.loads(inp.dataset.source) == {"uri": str((tmp_path / "data" / "emoji-demo").resolve())}
+    profile = json.loads(inp.dataset.profile)
+    assert (profile["num_rows"], profile["shards"], profile["manifest_sha256"]) == (120, 2, sha)
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "train"}
+
+
+def test_dataset_input_replays_after_an_outage(tmp_path):
+    from amorlip.tracking import manifest_dataset
+
+    config = _config(tmp_path, uri=f"http://127.0.0.1:{_closed_port()}")
+    _manifest(tmp_path)
+    offline = tmp_path / "offline.jsonl"
+    with child_run(config, "r1", "train", offline_path=offline) as tracker:
+        tracker.log_dataset(**manifest_dataset(config, "emoji-demo"))
+        (tmp_path / "model.pt").write_bytes(b"weights")
+        tracker.log_model(tmp_path / "model.pt", "r1", step=3)
+    assert tracker.offline
+    (run_id,) = replay(offline, tracking_uri=f"sqlite:///{tmp_path / 'later.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'later.db'}")
+    run = client.get_run(run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "emoji-demo" and json.loads(inp.dataset.profile)["num_rows"] == 120
+    (output,) = run.outputs.model_outputs
+    assert output.step == 3 and client.get_logged_model(output.model_id).name == "r1"
+
+
+def test_exported_model_is_an_artifact_of_the_training_run(tmp_path):
+    import torch
+
+    from amorlip.train.export import log_export
+
+    config = _config(tmp_path)
+    init_pipeline(config, tmp_path / "results" / "mlflow_parent.json")
+    with child_run(config, "r1", "train") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=5)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
+    model = run_dir / "model.pt"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}, "step": 5}, model)
+    log_export(config, "r1", model, 5)
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "model")] == ["model/model.pt"]
+    assert run.data.tags["amorlip.model_artifact"] == "model/model.pt" and run.data.tags["amorlip.model_step"] == "5"
+    got = client.download_artifacts(tracker.run_id, "model/model.pt", str(tmp_path / "dl"))
+    assert torch.equal(torch.load(got, weights_only=True)["state_dict"]["w"], torch.arange(4.0))
+    # and a logged model: the run's output at the exported step, READY, holding model.pt
+    (output,) = run.outputs.model_outputs
+    assert output.step == 5
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, logged.source_run_id, str(logged.status)) == ("r1", tracker.run_id, "READY")
+    assert logged.params["step"] == "5"
+    assert [a.path for a in client.list_logged_model_artifacts(output.model_id)] == ["model.pt"]
+    # a run trained against another store (or never tracked) is skipped without error
+    (run_dir / "train.json").write_text(json.dumps({"mlflow_run_id": "0" * 32}))
+    log_export(config, "r1", model, 5)
+    (run_dir / "train.json").write_text(json.dumps({"mlflow_run_id": None}))
+    log_export(config, "r1", model, 5)

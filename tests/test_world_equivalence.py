@@ -28,6 +28,7 @@ WORLD = 2
 GLOBAL = 8
 STEPS_PER_EPOCH = 2
 EPOCHS = 2  # epoch 1: the lambda life cycle (prev <- EMA, re-init), beta > 0, the divergence check
+DATASET = STEPS_PER_EPOCH * GLOBAL  # the samples the dense indices name (FastCLIP's u)
 
 # name -> run overrides; each is trained by the 1-rank and by the 2-rank job
 CASES = {
@@ -38,6 +39,10 @@ CASES = {
     "amorlip-kl": {"method": "amorlip", "variant": "published", "amorlip": {"lambda_loss": "kl"}},
     # ZeRO-3 partitions the one-element logit scale; s starts at 14.3 > 10, so the clamp fires at step 1
     "clip-zero3": {"method": "clip", "zero_stage": 3, "max_logit_scale": 10.0},
+    # u is replicated: every rank applies the gathered global batch's updates (gamma 1, then 0.65)
+    "fastclip-v3": {"method": "fastclip", "lr_logit_scale_thresh": 0.075,
+                    "fastclip": {"gamma_min": 0.3, "gamma_decay_epochs": 2, "rho": 6.5}},
+    "fastclip-sogclr": {"method": "fastclip", "variant": "sogclr", "fastclip": {"gamma": 0.7}},
     # the authors' lambda lr x W: not 1-rank-equivalent by design (tested on its own below)
     "amorlip-lr-x-w": {"method": "amorlip", "amorlip": {"lambda_lr_scaling": "world_size"}},
 }
@@ -73,6 +78,11 @@ def global_batches(steps: int) -> list[dict]:
         captions = [" ".join(rng.choice(WORDS) for _ in range(4)) for _ in range(GLOBAL)]
         out.append({"images": torch.randn(GLOBAL, 3, 32, 32, generator=g), "texts": tokenizer(captions),
                     "keys": [f"{step:03d}-{i:03d}" for i in range(GLOBAL)]})
+    # dense data-set indices over DATASET samples, shuffled: each epoch revisits every index (u carries over)
+    perm = torch.randperm(DATASET, generator=g)
+    for step, batch in enumerate(out):
+        block = (step + step // STEPS_PER_EPOCH) % STEPS_PER_EPOCH
+        batch["indices"] = perm[block * GLOBAL:(block + 1) * GLOBAL].clone()
     return out
 
 
@@ -82,6 +92,7 @@ class RankSlices:
 
     def __init__(self, world, batches: list[dict]):
         self.world, self.batches = world, batches
+        self.total_samples = DATASET
 
     def __len__(self) -> int:
         return STEPS_PER_EPOCH
@@ -91,7 +102,7 @@ class RankSlices:
         for step in range(start_step, STEPS_PER_EPOCH):
             batch = self.batches[epoch * STEPS_PER_EPOCH + step]
             yield {"images": batch["images"][rows], "texts": batch["texts"][rows],
-                   "keys": batch["keys"][rows], "skipped": 0, "step": step}
+                   "keys": batch["keys"][rows], "indices": batch["indices"][rows], "skipped": 0, "step": step}
 
 
 def train_case(name: str, world_size: int, out_dir: Path) -> dict:
@@ -112,6 +123,8 @@ def train_case(name: str, world_size: int, out_dir: Path) -> dict:
     result = {"weights": {k: v.float().cpu() for k, v in full_module_state(engine).items()},
               "metrics": trainer.metrics.read() if world.is_master else None,
               "replica_checksum": task.replica_checksum()}
+    if getattr(task, "log_u_img", None) is not None:
+        result["log_u"] = (task.log_u_img.cpu().clone(), task.log_u_txt.cpu().clone())
     if hasattr(task, "lambdas"):
         result["lambdas"] = task.lambdas.state_dict()
         result["lambda_adam_lr"] = task.lambdas.lr
@@ -173,6 +186,12 @@ def test_two_ranks_train_like_one_rank_on_the_same_global_batch(both_worlds, nam
     for key, w in single["weights"].items():
         _close(ranks[0]["weights"][key], w, f"{name} weight {key}")
         assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
+    if "log_u" in single:
+        # u: every entry set (two epochs over the data set), replicated, equal to the 1-rank u
+        assert all(torch.isfinite(u).all() for u in single["log_u"])
+        for u1, u2a, u2b in zip(single["log_u"], ranks[0]["log_u"], ranks[1]["log_u"], strict=True):
+            assert torch.equal(u2a, u2b)
+            _close(u2a, u1, f"{name} log u")
     if "lambdas" in single:
         # one model across ranks: bit-identical replicas, equal to the 1-rank nets and Adam state
         assert ranks[0]["replica_checksum"] == ranks[1]["replica_checksum"]

@@ -13,6 +13,7 @@ Public API::
         batch["images"]   # Tensor[B, 3, H, W]: what preprocess gives (uint8 in training, see data/pixels.py)
         batch["texts"]    # LongTensor[B, ctx]
         batch["keys"]     # list[str]: the img2dataset keys of the B samples
+        batch["indices"]  # LongTensor[B]: each sample's dense data-set index (see ``dataset_offsets``)
         batch["skipped"]  # int: corrupt samples dropped while this batch was assembled
         batch["step"]     # int: step within the epoch (k, k+1, ...)
 
@@ -79,8 +80,8 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 _warned: set[tuple[str, str]] = set()
 
-# a raw sample: (key, image bytes, caption, shard name)
-RawSample = tuple[str, bytes, str, str]
+# a raw sample: (key, image bytes, caption, shard name, position of its key group in the shard)
+RawSample = tuple[str, bytes, str, str, int]
 
 
 def _warn_once(shard: str, kind: str, detail: str = "") -> None:
@@ -95,6 +96,22 @@ def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (Python's ``hash`` is salted per process)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def dataset_offsets(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Each shard's first dense data-set index: cumulative sizes over the shards sorted by name.
+
+    A sample's dense index is its shard's offset plus its position among the shard's key groups (the
+    shards are in key order, see ``amorlip.data.reshard``), so it names the same sample whatever the
+    shard order of a pass, the worker or rank that reads it, and across resumes: per-sample state
+    (FastCLIP's u) is indexed by it. Shards of size 0 take no index.
+    """
+    offsets, total = {}, 0
+    for name, n in sorted(sizes.items()):
+        if int(n) > 0:
+            offsets[Path(name).name] = total
+            total += int(n)
+    return offsets
 
 
 def read_sizes(shard_dir: str | Path) -> dict[str, int]:
@@ -122,11 +139,15 @@ class _DropCounter:
 
 def iter_shard(path: Path, drops: _DropCounter, part: int = 0, nparts: int = 1) -> Iterator[RawSample]:
     """Raw samples of one tar (members grouped by key, as webdataset does), keeping every
-    ``nparts``-th group starting at ``part``. Only image and caption bytes are read."""
+    ``nparts``-th group starting at ``part``. Only image and caption bytes are read. The last field
+    is the sample's position among the shard's groups that hold an image member (what sizes.json
+    counts: img2dataset's successes), whatever part reads it and before any sample is dropped."""
     shard = path.name
     key: str | None = None
     group: dict[str, bytes] = {}
     index = -1
+    position = -1  # image-bearing groups up to and including the current one, minus one
+    has_image = False
 
     def finish() -> Iterator[RawSample]:
         if key is None or index % nparts != part:
@@ -143,7 +164,7 @@ def iter_shard(path: Path, drops: _DropCounter, part: int = 0, nparts: int = 1) 
             drops.n += 1
             _warn_once(shard, "sample with an empty caption")
         else:
-            yield key, image, caption, shard
+            yield key, image, caption, shard, position
 
     try:
         with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
@@ -157,7 +178,9 @@ def iter_shard(path: Path, drops: _DropCounter, part: int = 0, nparts: int = 1) 
                 member_key, ext = name[:dot], name[dot + 1 :].lower()
                 if member_key != key:
                     yield from finish()
-                    key, group, index = member_key, {}, index + 1
+                    key, group, index, has_image = member_key, {}, index + 1, False
+                if ext in IMAGE_EXTENSIONS and not has_image:
+                    has_image, position = True, position + 1
                 if ext in _WANTED and index % nparts == part:
                     group[ext] = tf.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -220,6 +243,8 @@ class TrainLoader:
             raise FileNotFoundError(f"{len(absent)} shard(s) listed in sizes.json are missing, "
                                     f"e.g. {absent[0]}")
         self.total_samples = sum(self.sizes.values())
+        self.offsets = dataset_offsets(self.sizes)
+        self._shard_sizes = {Path(name).name: n for name, n in self.sizes.items()}
         if self.total_samples < local_batch_size * world_size:
             # the streams run pass after pass, so such a batch would hold the same pair more than once
             # (a contrastive loss then treats an image's own copy as a negative): refuse it
@@ -302,7 +327,7 @@ class TrainLoader:
     def _decode_batch(self, samples: list[RawSample], skipped: int, epoch: int, step: int,
                       in_process: bool) -> dict:
         images: list[Image.Image | None] = []
-        for key, data, _, shard in samples:
+        for key, data, _, shard, _ in samples:
             try:
                 with Image.open(io.BytesIO(data)) as im:
                     if im.width * im.height > MAX_IMAGE_PIXELS:
@@ -333,9 +358,18 @@ class TrainLoader:
             "images": pixels,
             "texts": self.tokenizer([s[2] for s in samples]),
             "keys": [s[0] for s in samples],
+            "indices": torch.tensor([self._dense_index(s[3], s[4]) for s in samples], dtype=torch.long),
             "skipped": skipped + len(bad),
             "step": step,
         }
+
+    def _dense_index(self, shard: str, position: int) -> int:
+        """``offsets[shard] + position``; a position past the shard's size means sizes.json is stale."""
+        size = self._shard_sizes[shard]
+        if position >= size:
+            raise RuntimeError(f"loader: shard {shard} holds more than the {size} samples sizes.json lists; "
+                               "re-run `amorlip index` (dense sample indices would collide)")
+        return self.offsets[shard] + position
 
     # ------------------------------------------------------------------ epochs
 

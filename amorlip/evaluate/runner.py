@@ -203,6 +203,27 @@ def mlflow_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def training_run_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The zero-shot results as the training run carries them: ``eval/<suite>/<task>`` (each task's
+    main metric), ``eval/<suite>/mean_main`` and ``eval/<suite>/group/<group>``, all in percent (the
+    unit of the summary table), so one runs table sorts and plots accuracy against any param."""
+    suite = results["suite"]
+    metrics = {}
+    for key, entry in results["tasks"].items():
+        if entry.get("main") is not None:
+            metrics[metric_name(f"eval/{suite}/{key}")] = 100.0 * entry["main"]
+    agg = results["aggregates"]
+    for name in ("mean_main", "chance_mean_main"):
+        if agg.get(name) is not None:
+            metrics[metric_name(f"eval/{suite}/{name}")] = 100.0 * agg[name]
+    if agg.get("covered") is not None:
+        metrics[metric_name(f"eval/{suite}/covered")] = agg["covered"]
+    for group, value in agg["groups"].items():
+        if value is not None:
+            metrics[metric_name(f"eval/{suite}/group/{group}")] = 100.0 * value
+    return metrics
+
+
 def summary_line(results: Mapping[str, Any]) -> str:
     agg = results["aggregates"]
     groups = ", ".join(f"{g} {_pct(v)}" for g, v in agg["groups"].items() if v is not None)
@@ -239,7 +260,7 @@ def evaluate_loaded(config: Mapping[str, Any], run: str, suite: str, out: str | 
     The MLflow child run is named ``{run}/{suite}`` (tag ``amorlip.kind = evaluate``) and holds each
     task's main metric, the aggregates, and the results JSON + per-task CSV as artifacts.
     """
-    from amorlip.tracking import child_run
+    from amorlip.tracking import attach_run, child_run, train_run_id
 
     meta = dict(meta or {})
     run_meta = meta.get("run") or {}
@@ -247,7 +268,9 @@ def evaluate_loaded(config: Mapping[str, Any], run: str, suite: str, out: str | 
         model = model.to(device).eval()
     suite_def = get_suite(config, suite)
     ev = config["evaluation"]
-    with child_run(config, f"{run}/{suite}", "evaluate", tags={"amorlip.run": run, "amorlip.suite": suite}) as tracker:
+    train_id = train_run_id(config, run)
+    tags = {"amorlip.run": run, "amorlip.suite": suite} | ({"amorlip.train_run_id": train_id} if train_id else {})
+    with child_run(config, f"{run}/{suite}", "evaluate", tags=tags) as tracker:
         tracker.log_params({
             "run": run, "suite": suite, "device": device, "batch_size": ev["batch_size"],
             "workers": ev["workers"], "tasks": len(suite_def.tasks),
@@ -265,5 +288,12 @@ def evaluate_loaded(config: Mapping[str, Any], run: str, suite: str, out: str | 
         tracker.log_metrics(mlflow_metrics(results), step=0)
         tracker.log_artifact(json_path)
         tracker.log_artifact(csv_path)
+    # the same results, in percent, on the training run itself (linked back to this evaluation run)
+    offline = Path(config["paths"]["results"]) / "mlflow-offline" / f"train-eval-{run}-{suite}.jsonl"
+    train_tracker = attach_run(config, train_id, offline)
+    if train_tracker is not None:
+        train_tracker.log_metrics(training_run_metrics(results), step=int(meta.get("step") or 0))
+        if tracker.run_id:
+            train_tracker.set_tags({f"amorlip.eval_run_id.{suite}": tracker.run_id})
     log.info("%s", summary_line(results))
     return results

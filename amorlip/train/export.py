@@ -129,7 +129,21 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
         torch.save(payload, tmp)
         torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: never ship a file that fails it
     log.info("exported %s (step %d, %s) -> %s", run_name, payload["step"], tag, out)
+    log_export(config, run_name, out, payload["step"])
     return out
+
+
+def log_export(config: dict, run_name: str, path: Path, step: int) -> None:
+    """``model.pt`` as an artifact of the run's training run (``model/model.pt``), with its step, and
+    as an MLflow logged model (named after the run) that the training run lists as its output."""
+    from amorlip.tracking import attach_run, train_run_id
+
+    offline = Path(config["paths"]["results"]) / "mlflow-offline" / f"train-export-{run_name}.jsonl"
+    tracker = attach_run(config, train_run_id(config, run_name), offline)
+    if tracker is not None:
+        tracker.log_artifact(path, "model")
+        tracker.set_tags({"amorlip.model_artifact": "model/model.pt", "amorlip.model_step": step})
+        tracker.log_model(path, run_name, step=step, params={"format": FORMAT, "step": step})
 
 
 class ModelFileError(ValueError):

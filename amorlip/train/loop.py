@@ -109,6 +109,8 @@ class Trainer:
         self.tracker = tracker
         self.stop = stop
         self.steps_per_epoch = len(loader)
+        if getattr(task, "needs_indices", False):
+            task.set_dataset_size(loader.total_samples)  # per-sample state (FastCLIP's u), by dense index
         self.total_steps = min(run.epochs * self.steps_per_epoch, run.max_steps or math.inf)
         self.pos = Position()
         self.last_saved = -1
@@ -124,6 +126,10 @@ class Trainer:
         self._stop_now = False
         self._loop_t0: float | None = None
         self.last_logged: dict[str, float] = {}
+        # end-of-epoch amortization diagnostics (amorlip.diagnostics.EpochDiagnostics), set by the caller
+        # for AmorLIP runs; amortization: the last measurement, for train.json
+        self.epoch_diagnostics = None
+        self.amortization: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -245,7 +251,8 @@ class Trainer:
                         self.save()
                         raise Preempted(f"stop signal ({self.stop.signum or 'on another rank'}) at step {self.pos.steps_done}: "
                                         f"checkpoint {ckpt.tag_for(self.pos.steps_done)} saved")
-                if self.pos.step_in_epoch >= spe:  # the epoch is done: move on, checkpoint
+                if self.pos.step_in_epoch >= spe:  # the epoch is done: measure, move on, checkpoint
+                    self._epoch_diagnostics(epoch)
                     self.pos.epoch, self.pos.step_in_epoch = epoch + 1, 0
                     self.save()
             self.save()
@@ -253,6 +260,44 @@ class Trainer:
             progress.close()
         self._sync_skipped()
         return self.pos
+
+    def _epoch_diagnostics(self, epoch: int) -> None:
+        """At the end of every ``diagnostics_every_epochs``-th epoch (and the last), rank 0 measures the
+        lambda nets' amortization and the gradient fidelity on its probe; the other ranks wait at a
+        barrier. Rank 0 alone suffices: the encoders and lambda nets are replicas on every rank. Under
+        ZeRO-3 the encoders are partitioned: skipped with a note (gathering them on one rank would
+        deadlock the others)."""
+        every = int(getattr(self.run, "diagnostics_every_epochs", 0) or 0)
+        final = self.pos.steps_done >= self.total_steps
+        if self.epoch_diagnostics is None or every <= 0 or ((epoch + 1) % every and not final):
+            return
+        if self.run.zero_stage == 3:
+            if self.master and epoch == 0:
+                log.info("amortization diagnostics skipped: ZeRO-3 partitions the encoders")
+            return
+        report = None
+        if self.master:
+            from amorlip.diagnostics import flat_figures
+
+            t0 = time.monotonic()
+            try:
+                report = self.epoch_diagnostics(self.engine.module, self.task.lambdas)
+            except Exception as exc:  # a measurement never stops training (nor leaves peers at the barrier)
+                log.warning("epoch %d amortization diagnostics failed: %s: %s", epoch, type(exc).__name__, exc)
+                report = None
+        if self.master and report is not None:
+            figures = flat_figures(report)
+            self.amortization = {"epoch": epoch, "step": self.pos.steps_done, **report}
+            self.metrics.append({"step": self.pos.steps_done, "epoch": epoch, "kind": "amortization", **figures,
+                                 "time": time.time()})
+            self.tracker.log_metrics(figures, step=self.pos.steps_done)
+            img, txt = report["modalities"]["image"]["predictors"], report["modalities"]["text"]["predictors"]
+            log.info("epoch %d amortization (probe %d, %.1f s): rmse image ema %.4f / in-batch %.4f, text ema %.4f / "
+                     "in-batch %.4f; gradient cosine %s", epoch, report["probe"], time.monotonic() - t0,
+                     img["ema"]["rmse"], img["in_batch"]["rmse"], txt["ema"]["rmse"], txt["in_batch"]["rmse"],
+                     report["gradient_fidelity"]["cosine"])
+        if self.world_size > 1:
+            dist_utils.barrier()
 
     def _step_flags(self, out: dict) -> torch.Tensor:
         """``[stop signal, non-finite loss, lambda divergence, s]`` as one device vector, reduced by MAX.
@@ -289,7 +334,8 @@ class Trainer:
             images = self._device_transform(images)
         texts = batch["texts"].to(device, non_blocking=True)
         lr = set_lr(self.engine.optimizer, run, pos.steps_done, self.total_steps)
-        out = self.task.training_forward(images, texts, pos.step_in_epoch)
+        extra = {"indices": batch["indices"]} if getattr(self.task, "needs_indices", False) else {}
+        out = self.task.training_forward(images, texts, pos.step_in_epoch, **extra)
         out["lr"] = lr
         # the step's one host read: every rank decides the same from the reduced flags
         signal_any, bad_any, diverged_any, scale = self._step_flags(out).tolist()

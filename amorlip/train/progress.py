@@ -86,6 +86,7 @@ def nonfinite_terms(out: Mapping[str, Any]) -> dict[str, float]:
 
 def plot_loss_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path | None:
     """Loss terms, logit scale and lambda gap against step; None when there is nothing to plot."""
+    records = [r for r in records if r.get("kind") is None]  # step records (not the per-epoch amortization)
     if not records:
         return None
     import matplotlib

@@ -130,6 +130,8 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
         # what the result depends on: url list, downloaded sample set, settings, code, packages
         "provenance": run_provenance(config, run),
         "determinism": determinism or {"deterministic": False},
+        # the last epoch's amortization diagnostics (AmorLIP, diagnostics_every_epochs > 0), else None
+        "amortization": trainer.amortization,
         "complete": True,
     }
     curve = plot_loss_curves(trainer.metrics.read(), out_dir / "loss_curves.png",
@@ -148,7 +150,7 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
 
 def train(config: dict, run_name: str) -> int:
     """Train ``run_name`` of ``config`` on this rank; returns the process exit code."""
-    from amorlip.tracking import child_run
+    from amorlip.tracking import child_run, manifest_dataset
     from amorlip.train.loop import CheckpointWriteFailed, Preempted, StopSignal, Trainer, TrainingDiverged
 
     run = get_run(config, run_name)
@@ -175,6 +177,11 @@ def train(config: dict, run_name: str) -> int:
         engine, task, loader = _build(config, run, world)
         trainer = Trainer(run=run, engine=engine, task=task, loader=loader, run_dir=out_dir, world=world,
                           tracker=None, stop=stop, started_at=started)
+        if run.method == "amorlip" and run.diagnostics_every_epochs > 0:  # every rank (the barrier)
+            from amorlip.diagnostics import EpochDiagnostics
+
+            trainer.epoch_diagnostics = EpochDiagnostics(
+                Path(config["paths"]["data"]) / run.dataset / "shards", run, world.device)
         state = trainer.resume()
         tags = {"run": run.name, "method": run.method, "variant": run.variant, "dataset": run.dataset,
                 "model": run.model}
@@ -183,6 +190,9 @@ def train(config: dict, run_name: str) -> int:
             trainer.tracker = tracker
             if not state:
                 tracker.set_tags(flat_provenance(run_provenance(config, run)))
+                dataset = manifest_dataset(config, run.dataset)
+                if dataset:
+                    tracker.log_dataset(**dataset, context="train")
                 tracker.log_params(run.to_dict() | {"world_size": world.world_size,
                                                     "local_batch_size": world.local_batch,
                                                     "global_batch_size": world.global_batch,
