@@ -4,8 +4,11 @@ Reads ``results/{run}/{suite}.json`` (the evaluator's contract) and ``runs/{run}
 ``metrics.jsonl`` (the trainer's) for every run of the config, and writes:
 
 - ``results/summary.csv``: one row per run: run, method, variant, batch, seed, each task's main
-  metric, group means, suite mean, its coverage, relative gain over the matching baseline, steps,
-  images/s, wall time. Metric values are percentages; a missing task is an empty cell, never 0.
+  metric, group means, suite mean, its coverage, relative gain over the matching baseline, steps.
+  Metric values are percentages; a missing task is an empty cell, never 0. Only results: the same
+  config and seed give the same file byte for byte (docs/architecture.md, "Determinism").
+- ``results/timing.csv``: run, steps, images/s, wall time: measurements of the machine, which vary
+  from one rerun to the next, kept apart from the results.
 - ``results/summary.md``: the same for people, plus per-task tables with chance levels and which
   AmorLIP variant ran.
 - ``results/plots/*.png``: training loss curves per run; per suite, a bar chart of each task's main
@@ -184,6 +187,11 @@ def summary_rows(config: Mapping[str, Any], data: Mapping[str, dict]) -> tuple[l
         row["wall_time_s"] = None if train.get("wall_time_s") is None else round(float(train["wall_time_s"]), 1)
         rows.append(row)
     return columns, rows
+
+
+# wall-clock measurements: they differ between two runs of the same config and seed, so they live in
+# results/timing.csv and summary.md, not in the results table
+TIMING_COLUMNS = ("images_per_s", "wall_time_s")
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
@@ -591,7 +599,8 @@ def report(config: Mapping[str, Any]) -> dict[str, Path]:
     plots.mkdir(parents=True, exist_ok=True)
     data = collect(config)
     columns, rows = summary_rows(config, data)
-    csv_path = write_csv(results_dir / "summary.csv", columns, rows)
+    csv_path = write_csv(results_dir / "summary.csv", [c for c in columns if c not in TIMING_COLUMNS], rows)
+    write_csv(results_dir / "timing.csv", ["run", "steps", *TIMING_COLUMNS], rows)
     md_path = results_dir / "summary.md"
     atomic_write_text(md_path, summary_markdown(config, data, rows))
     pngs = [p for p in [plot_loss_curves(data, plots / "loss_curves.png"),

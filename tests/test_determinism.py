@@ -179,3 +179,5 @@ def test_two_data_builds_and_two_trainings_are_bit_identical(tmp_path: Path, tin
     eval_a, eval_b = (json.loads((r / "results/amorlip/emoji-heldout.json").read_text()) for r in (a, b))
     assert eval_a["aggregates"]["covered"] == 3 and _stable(eval_a) == _stable(eval_b)
     assert _summary(a) == _summary(b)
+    # the results table holds results only (timings are in timing.csv): byte-identical
+    assert (a / "results" / "summary.csv").read_bytes() == (b / "results" / "summary.csv").read_bytes()
