@@ -101,6 +101,17 @@ def mix_log_targets(log_target: torch.Tensor, log_prev: torch.Tensor, beta: floa
     return torch.logaddexp(log_prev + math.log(beta), log_target + math.log1p(-beta))
 
 
+def _amortized_loss(img: torch.Tensor, txt: torch.Tensor, s: torch.Tensor, image_rows: torch.Tensor,
+                    text_rows: torch.Tensor, log_lambda_img: torch.Tensor, log_lambda_txt: torch.Tensor) -> torch.Tensor:
+    """``-2 s mean_i x_i.y_i + mean_i sum_j exp(d_ij - log Lambda^I_i) + mean_j sum_i exp(d_ij - log Lambda^T_j)``
+    from the weighted logits rows of each side; Lambda is detached (a constant for the encoders)."""
+    positive = (img.float() * txt.float()).sum(dim=1)
+    joint = 2.0 * s * positive.mean()
+    cross_image = torch.exp(image_rows - log_lambda_img.detach().float()[:, None]).sum(dim=1).mean()
+    cross_text = torch.exp(text_rows - log_lambda_txt.detach().float()[:, None]).sum(dim=1).mean()
+    return -joint + cross_image + cross_text
+
+
 def encoder_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -123,11 +134,7 @@ def encoder_loss(
     """
     s = as_fp32_scale(logit_scale, img.device)
     image_rows, text_rows = weighted_logits(img, txt, s, pos_coef, group, gather=gather_with_grad)
-    positive = (img.float() * txt.float()).sum(dim=1)
-    joint = 2.0 * s * positive.mean()
-    cross_image = torch.exp(image_rows - log_lambda_img.detach().float()[:, None]).sum(dim=1).mean()
-    cross_text = torch.exp(text_rows - log_lambda_txt.detach().float()[:, None]).sum(dim=1).mean()
-    return -joint + cross_image + cross_text
+    return _amortized_loss(img, txt, s, image_rows, text_rows, log_lambda_img, log_lambda_txt)
 
 
 def encoder_loss_local(
@@ -171,11 +178,7 @@ def encoder_loss_local(
         off_diagonal = 1.0 - torch.eye(batch, dtype=image_rows.dtype, device=image_rows.device)
         image_rows = image_rows + log_c * off_diagonal
     text_rows = image_rows.T  # local texts against local images: the columns of the same matrix
-    positive = (img.float() * txt.float()).sum(dim=1)
-    joint = 2.0 * s * positive.mean()
-    cross_image = torch.exp(image_rows - log_lambda_img.detach().float()[:, None]).sum(dim=1).mean()
-    cross_text = torch.exp(text_rows - log_lambda_txt.detach().float()[:, None]).sum(dim=1).mean()
-    return -joint + cross_image + cross_text
+    return _amortized_loss(img, txt, s, image_rows, text_rows, log_lambda_img, log_lambda_txt)
 
 
 def lambda_loss(
