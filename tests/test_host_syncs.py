@@ -11,13 +11,14 @@ count is taken on CPU tensors, where the same calls would synchronise on a GPU.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_world_equivalence import EPOCHS, STEPS_PER_EPOCH, RankSlices, global_batches, run_config
+
+from amorlip.distributed import free_port
 
 READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy")
 STEPS = 4
@@ -100,16 +101,10 @@ def _worker(rank: int, port: int, out: str, method: str) -> None:
         dist_utils.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["amorlip", "clip", "fastclip"])
 def test_at_most_one_host_read_per_non_logging_step(tmp_path, method):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), method), nprocs=1, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path), method), nprocs=1, join=True,
                        start_method="spawn")
     count, *where = (tmp_path / f"{method}.txt").read_text().splitlines()
     steps = STEPS - 1

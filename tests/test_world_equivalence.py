@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from amorlip.distributed import free_port
 
 WORLD = 2
 GLOBAL = 8
@@ -144,14 +145,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         dist_utils.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(world_size: int, out_dir: Path, names: list[str]) -> list[dict]:
-    mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir), names), nprocs=world_size,
+    mp.start_processes(_worker, args=(world_size, free_port(), str(out_dir), names), nprocs=world_size,
                        join=True, start_method="spawn")
     return [torch.load(out_dir / f"w{world_size}-rank{r}.pt", weights_only=False) for r in range(world_size)]
 
@@ -273,7 +268,7 @@ def _resume_worker(rank: int, port: int, run_dir: str, out: str) -> None:
 def test_resume_on_another_world_size_stops_before_any_step(both_worlds, tmp_path):
     run_dir = both_worlds[2] / f"amorlip-published-w{WORLD}"
     assert (run_dir / "checkpoints").is_dir()
-    mp.start_processes(_resume_worker, args=(_free_port(), str(run_dir), str(tmp_path)), nprocs=1, join=True,
+    mp.start_processes(_resume_worker, args=(free_port(), str(run_dir), str(tmp_path)), nprocs=1, join=True,
                        start_method="spawn")
     message = (tmp_path / "resume.txt").read_text()
     assert "was written by 2 ranks but this job has 1" in message, message
@@ -314,7 +309,7 @@ def _mismatch_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.dist
 def test_lambda_nets_that_differ_across_ranks_stop_the_run_at_the_checkpoint(tmp_path):
-    mp.start_processes(_mismatch_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_mismatch_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     for rank in (0, 1):
         message = (tmp_path / f"mismatch-rank{rank}.txt").read_text()
@@ -426,7 +421,7 @@ def test_local_negatives_run_no_collective_between_stage_one_steps(tmp_path):
     all-reduce of the step flags (plus its metric all-reduce on logging steps). The same run with
     global negatives is the counter's positive control: its encoder loss gathers on every step.
     """
-    mp.start_processes(_local_negatives_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+    mp.start_processes(_local_negatives_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"local-rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for result in ranks:
