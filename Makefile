@@ -19,10 +19,11 @@ help:
 
 # Idempotent: (re)installs only when requirements.txt or pyproject.toml changed.
 setup: $(STAMP)
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-oracles.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -r requirements-oracles.txt
 	$(BIN)/pip install --no-deps -e .
 	@touch $(STAMP)
 
@@ -47,12 +48,20 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
-# The small-batch quality sweep (36 runs through the pipeline; 1 h 42 min on 2 cores, see
-# benchmarks/RESULTS.md). Resumable: rerun to continue. --keep-going: one failed run does not stop
-# the others, and the summary still reports what finished (missing runs are listed, never zero).
+# The small-batch comparison (40 runs through the pipeline, about 2.5 h on 2 cores; see
+# benchmarks/RESULTS.md, section 4a). One seed at a time (benchmarks/quality_targets.py), so an
+# interrupted sweep holds complete seeds to pair. Resumable: rerun to continue. --keep-going: one
+# failed run does not stop the others, and the summary reports what finished (missing runs are
+# listed, never zero).
+QUALITY := config/bench-quality.yaml
 bench-quality: setup
-	@rc=0; $(BIN)/snakemake report --cores $(CORES) --keep-going --configfile config/bench-quality.yaml || rc=$$?; \
-	$(BIN)/python -m benchmarks.quality_summary --config config/bench-quality.yaml; exit $$rc
+	@rc=0; for seed in $$($(BIN)/python -m benchmarks.quality_targets --config $(QUALITY) --seeds); do \
+	  echo "bench-quality: seed $$seed"; \
+	  $(BIN)/snakemake $$($(BIN)/python -m benchmarks.quality_targets --config $(QUALITY) --seed $$seed) \
+	    --cores $(CORES) --keep-going --configfile $(QUALITY) || rc=$$?; \
+	done; \
+	$(BIN)/snakemake report --cores $(CORES) --keep-going --configfile $(QUALITY) || rc=$$?; \
+	$(BIN)/python -m benchmarks.quality_summary --config $(QUALITY); exit $$rc
 
 slurm-up:
 	bash scripts/slurm-up.sh

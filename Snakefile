@@ -16,6 +16,10 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 
 
+# `snakemake --report report.html`: this description opens the report; each figure has a caption
+report: "workflow/report/workflow.rst"
+
+
 rule all:
     default_target: True
     input:
@@ -30,7 +34,9 @@ include: "workflow/rules/report.smk"
 
 onsuccess:
     if os.path.exists(f"{RESULTS}/summary.md"):
-        print(f"amorlip: done. Summary: {RESULTS}/summary.md ; browse runs: mlflow ui --backend-store-uri {TRACKING_URI}")
+        from amorlip.browse_hint import browse_lines
+
+        print(f"amorlip: done. Summary: {RESULTS}/summary.md ; browse the runs:", *browse_lines(config), sep="\n")
 
 
 onerror:

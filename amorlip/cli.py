@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from amorlip.config import ConfigError, load_config
 from amorlip.fileio import OutputLockedError, output_lock
@@ -92,6 +93,43 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_split_urls(args) -> int:
+    from amorlip.data.parts import split_urls
+
+    config = _config(args)
+    with output_lock(args.out):
+        split_urls(config, _dataset(config, args.dataset), urls=args.urls, out_dir=args.out)
+    return 0
+
+
+def cmd_merge_parts(args) -> int:
+    from amorlip.data.parts import merge_parts
+
+    config = _config(args)
+    with output_lock(args.out):
+        merge_parts(config, _dataset(config, args.dataset), urls=args.urls, part_dirs=args.parts, out_dir=args.out)
+    return 0
+
+
+def cmd_retry_failed(args) -> int:
+    from amorlip.data.download import DownloadIncomplete
+    from amorlip.data.retry import retry_failed
+
+    config = _config(args)
+    dataset = _dataset(config, args.dataset)
+    shards = args.shards or str(Path(config["paths"]["data"]) / dataset / "shards")
+    try:
+        with output_lock(shards):  # the same lock as the download and index of these shards
+            retry_failed(config, dataset, shards, reasons=args.reasons.split(","))
+    except DownloadIncomplete as exc:
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # a success rate still below the floor, or shards that do not add up
+        print(f"amorlip: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args) -> int:
     from amorlip.train.run import train
 
@@ -115,7 +153,7 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from amorlip.evaluate.runner import evaluate
-    from amorlip.train.export import ModelFileError
+    from amorlip.model_file import ModelFileError
 
     config = _config(args)
     try:
@@ -146,7 +184,7 @@ def cmd_mlflow_init(args) -> int:
 
 
 def cmd_mlflow_replay(args) -> int:
-    from amorlip.mlflow_replay import replay
+    from amorlip.tracking.replay import replay
 
     replay(args.file, tracking_uri=args.tracking_uri)
     return 0
@@ -156,10 +194,14 @@ def cmd_evalsets_download(args) -> int:
     from amorlip.evaluate.download import DownloadError, download_suite
 
     try:
-        download_suite(args.suite, root=args.root, tasks=args.tasks)
+        status = download_suite(args.suite, root=args.root, tasks=args.tasks)
     except DownloadError as exc:
         print(f"amorlip: {exc}", file=sys.stderr)
         return 1
+    if args.done:  # the pipeline's rule datacomp_evalsets: written only when every task downloaded
+        from amorlip.fileio import atomic_write_json
+
+        atomic_write_json(args.done, status)
     return 0
 
 
@@ -219,16 +261,19 @@ def cmd_launch(args) -> int:
 
 
 def cmd_demo_summary(args) -> int:
+    from amorlip.browse_hint import print_browse_hint
     from amorlip.report import print_demo_summary
 
     config = _config(args)
     print_demo_summary(config)
+    if (Path(config["paths"]["results"]) / "summary.md").exists():
+        print_browse_hint(config)
     return 0
 
 
 def cmd_diagnose(args) -> int:
     from amorlip.diagnostics import DiagnoseError, diagnose, format_table
-    from amorlip.train.export import ModelFileError
+    from amorlip.model_file import ModelFileError
 
     config = _config(args)
     out = args.out or os.path.join(config["paths"]["runs"], args.run, "amortization.json")
@@ -280,6 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--shards", required=True, help="shard folder")
 
+    sp = with_config(add("split-urls", cmd_split_urls, "split urls.parquet into datasets.<name>.parts part lists"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--urls", required=True, help="urls.parquet from `amorlip source`")
+    sp.add_argument("--out", required=True, help="folder for NNN.parquet, one per part")
+
+    sp = with_config(add("merge-parts", cmd_merge_parts, "link the parts' shards into one shard set"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--urls", required=True, help="the full urls.parquet the parts were split from")
+    sp.add_argument("--out", required=True, help="shard folder")
+    sp.add_argument("parts", nargs="+", help="the parts' shard folders, in part order")
+
+    sp = with_config(add("retry-failed", cmd_retry_failed,
+                         "download again the failed urls of chosen reasons as extra shards, then re-index"))
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--reasons", default="timeout,5xx,dns",
+                    help="comma-separated failure reasons: timeout, 5xx, 4xx, dns, connection, truncated or an "
+                         "exact one such as http_429 (default timeout,5xx,dns)")
+    sp.add_argument("--shards", default=None, help="shard folder (default <paths.data>/<dataset>/shards)")
+
     sp = with_config(add("train", cmd_train, "train one run (launch with torchrun or srun for several ranks)"))
     sp.add_argument("--run", required=True)
 
@@ -323,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("suite", choices=["datacomp"])
     sp.add_argument("--root", required=True)
     sp.add_argument("--tasks", nargs="*", default=None, help="subset of task keys (default: all)")
+    sp.add_argument("--done", default=None, help="JSON of each task's status, written when all are there")
     sp = ev.add_parser("build-emoji", help="render the emoji demo's held-out-style eval sets")
     sp.set_defaults(func=cmd_evalsets_build_emoji)
     sp.add_argument("--config", required=True)

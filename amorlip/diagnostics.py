@@ -317,7 +317,7 @@ def diagnose(config: dict, run_name: str, probe: int = DEFAULT_PROBE, out: str |
     for. Returns the report written.
     """
     from amorlip.config import get_run
-    from amorlip.train.export import load_exported
+    from amorlip.model_file import load_exported
 
     get_run(config, run_name)  # a name the config defines (ConfigError otherwise), never a path
     run_dir = Path(config["paths"]["runs"]) / run_name

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from amorlip import collectives
 from amorlip.slurm import in_job_step
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,16 @@ def is_master() -> bool:
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` in place over ``group`` (the trainer's step flags and metric means), counted
+    by ``amorlip.collectives`` as an all-reduce of its bytes; identity on one rank."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    dist.all_reduce(tensor, op=op, group=group)
+    collectives.record("all_reduce", collectives.tensor_bytes(tensor))
+    return tensor
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -2,29 +2,24 @@
 
 The tiny configs (``amorlip/model_configs/*.json``) are registered with open_clip's own registry, so
 ``open_clip.create_model("amorlip-demo")`` works anywhere this module was imported; exported weights
-load into a plain open_clip model (``runs/{run}/model.pt``, docs/architecture.md).
+load into a plain open_clip model (``runs/{run}/model.pt``, :mod:`amorlip.model_file`). Which names
+exist is answered without torch by :mod:`amorlip.model_names`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import open_clip
 import torch
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+from amorlip.model_names import MODEL_CONFIG_DIR, known_model_names
 
 
 @functools.cache
 def register_model_configs() -> None:
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-
-def known_model_names() -> list[str]:
-    register_model_configs()
-    return list(open_clip.list_models())
 
 
 def model_config(name: str) -> dict:

@@ -38,14 +38,18 @@ from amorlip.objectives.fastclip import (
     update_log_u,
 )
 from amorlip.objectives.siglip import siglip_loss
-from amorlip.objectives.temperature import clamp_logit_scale_, rescale_loss
+from amorlip.objectives.temperature import rescale_loss
 from amorlip.schedules import beta_for_epoch, is_ema_step, is_lambda_step, is_reinit_epoch, rho_for_epoch
 
 log = logging.getLogger(__name__)
 
 
 class _Task:
-    """What every method shares: the model call, the temperature clamp and a plain-torch step."""
+    """What every method shares: the model call and the epoch bookkeeping.
+
+    The update that follows ``training_forward`` (DeepSpeed's backward and step, the logit-scale
+    clamp) is the trainer's: :func:`amorlip.train.step.encoder_step`.
+    """
 
     method = "base"
     # True: training_forward takes ``indices`` (the batch's dense data-set indices, a CPU LongTensor)
@@ -71,23 +75,6 @@ class _Task:
 
     def training_forward(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int) -> dict:
         raise NotImplementedError
-
-    def after_encoder_step(self) -> None:
-        """Clamp log s to [0, ln max_logit_scale] after every optimiser step (docs/method.md, "Temperature")."""
-        clamp_logit_scale_(self.model, self.run.max_logit_scale)
-
-    def training_step(self, images: torch.Tensor, texts: torch.Tensor, step_in_epoch: int,
-                      optimizer: torch.optim.Optimizer, indices: torch.Tensor | None = None) -> dict:
-        """Forward, zero_grad, backward, clip (``run.grad_clip``), step, clamp: plain-torch use and tests."""
-        extra = {"indices": indices} if self.needs_indices else {}
-        out = self.training_forward(images, texts, step_in_epoch, **extra)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if self.run.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
-        optimizer.step()
-        self.after_encoder_step()
-        return out
 
     def state_dict(self) -> dict:
         return {}

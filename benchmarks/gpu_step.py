@@ -10,7 +10,7 @@ Run by ``benchmarks/gpu.sh`` on one GPU (no internet; well under 10 minutes). Fo
 
 The step is the trainer's, with training's settings: the model's 0-dim parameters made 1-element
 (``scalar_params_to_1d``), the trainer's AdamW groups (``param_groups`` / ``make_optimizer``), and
-``task.training_step``: forward, backward, clip at ``run.grad_clip``, AdamW, logit-scale clamp. On
+:meth:`Contender.step`: forward, backward, clip at ``run.grad_clip``, AdamW, logit-scale clamp. On
 a GPU, bf16 autocast covers the towers only, exactly where DeepSpeed's ``torch_autocast`` puts it
 (around the engine's forward, :class:`AutocastTowers`): logits, losses and the lambda nets run in
 fp32 outside it. TF32 stays as training leaves it (off: the trainer does not enable it). What is
@@ -154,8 +154,18 @@ class Contender:
         self.peak_bytes = 0
 
     def step(self) -> None:
-        """The trainer's step: forward (autocast inside the wrapped model), backward, clip, AdamW, clamp."""
-        self.task.training_step(self.images, self.texts, self.step_in_epoch, self.optimizer)
+        """The trainer's step in plain torch: the task's forward (autocast inside the wrapped model),
+        backward, clip, AdamW, clamp (what amorlip.train.step.encoder_step asks of DeepSpeed)."""
+        from amorlip.objectives.temperature import clamp_logit_scale_
+
+        task, run = self.task, self.task.run
+        out = task.training_forward(self.images, self.texts, self.step_in_epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if run.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(task.model.parameters(), run.grad_clip)
+        self.optimizer.step()
+        clamp_logit_scale_(task.model, run.max_logit_scale)
         self.step_in_epoch += 1
 
     def _sync(self) -> None:

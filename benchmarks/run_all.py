@@ -3,7 +3,8 @@
 Runs, each as its own process (so one benchmark's process group, threads or memory never leak into
 the next): ``step_time`` (AmorLIP vs CLIP step, FLOPs, matmul rate), ``vs_open_clip`` (our trainer
 vs open_clip_train), ``data_throughput`` (img2dataset download, loader vs step; it reads the CLIP
-step rate from step_time's JSON, so it runs after it). Each writes ``benchmarks/results/<name>.json``;
+step rate from step_time's JSON, so it runs after it), ``collectives`` (bytes per step and step time
+on 2 and 4 gloo ranks, projected to 8 x 8 GPUs). Each writes ``benchmarks/results/<name>.json``;
 this script adds ``summary.json`` and prints one table of goals. The GPU benchmark
 (``benchmarks/gpu.sh``) and the quality sweep (``make bench-quality``) are separate: one needs a GPU,
 the other takes hours.
@@ -34,7 +35,7 @@ from benchmarks.common import (
 
 log = logging.getLogger(__name__)
 
-BENCHMARKS = ("step_time", "vs_open_clip", "data_throughput")
+BENCHMARKS = ("step_time", "vs_open_clip", "data_throughput", "collectives")
 
 
 def _load(out_dir: Path, name: str, tiny: bool) -> dict | None:
@@ -78,6 +79,16 @@ def goal_rows(out_dir: Path, tiny: bool) -> tuple[list[list], dict]:
         rows.append(["img2dataset loopback download images/s (whole call)", f"{median(dl):.1f}",
                      "(reported)", "-"])
         record["loader_ratio"], record["data_goal_met"] = ratio, dt["goal"]["met"]
+    co = _load(out_dir, "collectives", tiny)
+    if co:
+        for row in co["projection"]:
+            if row["contender"] == "amorlip-local":
+                glob = next(r for r in co["projection"]
+                            if r["config"] == row["config"] and r["contender"] == "amorlip-global")
+                rows.append([f"wire bytes/step AmorLIP local / global, {Path(row['config']).stem}, "
+                             f"{co['projected_world']} GPUs", f"{row['wire'] / glob['wire']:.4f}",
+                             f"(features: {row['feature_wire'] / glob['feature_wire']:.3f})", "-"])
+        record["collectives_formula_agrees"] = all(c["agrees"] for c in co["formula_checks"])
     return rows, record
 
 

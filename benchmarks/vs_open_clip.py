@@ -61,7 +61,7 @@ _OC_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\s*(\d+) .*?Batch \(t\): ([0
 def ours_images_per_s(metrics_path: Path, batch: int, skip_steps: int) -> tuple[float, int]:
     """(images/s, steps counted) between the first logged step >= ``skip_steps`` and the last one."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] >= skip_steps]
+    rows = [r for r in rows if r["step"] >= skip_steps and "kind" not in r]  # step records (not validation)
     if len(rows) < 2:
         raise RuntimeError(f"{metrics_path}: fewer than two logged steps after step {skip_steps}")
     steps = rows[-1]["step"] - rows[0]["step"]

@@ -9,7 +9,9 @@ a minute of imports and start-ups on 2 idle cores, so it is marked ``slow`` (``m
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +34,9 @@ def test_run_all_tiny_runs_every_cpu_benchmark_and_reports_each_ratio(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tiny", "--out-dir", str(out),
                            "--workdir", str(work)], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("step_time", "vs_open_clip", "data_throughput", "summary"):
+    for name in ("step_time", "vs_open_clip", "data_throughput", "collectives", "summary"):
         data = json.loads((out / f"{name}_tiny.json").read_text())
         assert data["tiny"] is True and data["machine"]["cpu"]
     step = json.loads((out / "step_time_tiny.json").read_text())
@@ -43,8 +45,33 @@ def test_run_all_tiny_runs_every_cpu_benchmark_and_reports_each_ratio(tmp_path):
     data = json.loads((out / "data_throughput_tiny.json").read_text())
     assert data["download"]["summaries"][0]["successes"] == data["download"]["images"]
     assert data["ratio"] is not None  # read from step_time's JSON, which ran first
-    for ratio in ("AmorLIP(T_online=8) / CLIP", "ours / open_clip_train", "loader images/s / CLIP step"):
+    for ratio in ("AmorLIP(T_online=8) / CLIP", "ours / open_clip_train", "loader images/s / CLIP step",
+                  "wire bytes/step AmorLIP local / global, cc3m-rn50, 64 GPUs"):
         assert ratio in proc.stdout
+    # collectives: counted bytes equal the arithmetic at 2 ranks; local negatives gather the least
+    co = json.loads((out / "collectives_tiny.json").read_text())
+    assert co["formula_checks"] and all(c["agrees"] for c in co["formula_checks"])
+    two = co["worlds"]["2"]
+    assert two["amorlip-local"]["feature_payload"] < two["clip"]["feature_payload"] < two["amorlip-global"]["feature_payload"]
+    assert {(r["config"], r["contender"]) for r in co["projection"]} == {
+        (c, n) for c in ("config/cc3m-rn50.yaml", "config/cc12m-vitb32.yaml")
+        for n in ("clip", "amorlip-global", "amorlip-local")}
+
+
+@pytest.mark.slow
+def test_download_scale_tiny_accounts_every_url(tmp_path):
+    """The fan-out benchmark end to end (N = 2 parts of 80 urls, then again with one part killed and
+    resumed): a dozen CLI start-ups, 2-5 minutes on 2 loaded cores."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.download_scale", "--tiny", "--kill", "--out-dir",
+                           str(tmp_path), "--workdir", str(tmp_path / "work")], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "download_scale_tiny.json").read_text())
+    assert data["tiny"] is True and not data["partial"]
+    assert [r["parts"] for r in data["results"]] == [2, 2]
+    for r in data["results"]:
+        assert r["urls"] == 80 and r["rows"] == 80 and r["mismatches"] == 0 and r["duplicates"] == 0, r
+    assert data["results"][1]["killed"]["exit_status"] != 0  # the part really was stopped, then resumed
 
 
 def test_gpu_step_tiny_runs_on_cpu(tmp_path):
@@ -152,3 +179,61 @@ def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
     assert clip["tasks"] == pytest.approx({"category": 22.0, "retrieval": 0.0})
     assert payload["missing"] == (["amorlip-published-b32-s1"] if missing else [])
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
+
+
+def test_quality_summary_degradation_pairs_seeds_and_gives_t_intervals(tmp_path):
+    """Degradation = metric(small) - metric(large) per seed, minus CLIP's on the same seed, with a 95 % t CI."""
+    from scipy.stats import t
+
+    from benchmarks import quality_summary
+
+    clip = {(32, 0): 0.10, (128, 0): 0.12, (32, 1): 0.11, (128, 1): 0.12, (32, 2): 0.09, (128, 2): 0.12}
+    fast = {(32, 0): 0.13, (128, 0): 0.13, (32, 1): 0.12, (128, 1): 0.12, (32, 2): 0.13, (128, 2): 0.12}
+    for method, values in (("clip", clip), ("fastclip-v3", fast)):
+        for (batch, seed), v in values.items():
+            run = f"{method}-b{batch}-s{seed}"
+            path = tmp_path / "results" / run / "emoji-heldout.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(_suite_result(run, v)))
+    config = tmp_path / "config.yaml"
+    config.write_text("paths: {data: data, runs: runs, results: results, resources: resources}\n"
+                      "runs: {}\nsweep: {method: [clip, fastclip], variant: [v3], batch_size: [32, 128], "
+                      "seed: [0, 1, 2]}\n")
+    payload = quality_summary.main(["--config", str(config), "--workdir", str(tmp_path),
+                                    "--out-dir", str(tmp_path / "out")])
+    deg = payload["degradation"]
+    clip_drop = [-2.0, -1.0, -3.0]          # points: b32 - b128 per seed
+    fast_drop = [0.0, 0.0, 1.0]
+    assert deg["clip"]["drop"]["mean"] == pytest.approx(-2.0)
+    vs = deg["fastclip-v3"]["vs_clip"]
+    diffs = [f - c for f, c in zip(fast_drop, clip_drop)]   # 2, 1, 4
+    half = t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
+    assert vs["n"] == 3 and vs["mean"] == pytest.approx(7.0 / 3)
+    assert (vs["ci_low"], vs["ci_high"]) == pytest.approx((7.0 / 3 - half, 7.0 / 3 + half))
+    assert quality_summary.verdict(vs) == "not separable"  # 3 pairs: the CI [-1.5, +6.1] holds 0
+    assert quality_summary.verdict(quality_summary.ci95([2.0, 2.1, 1.9])) == "above"
+    assert quality_summary.verdict(quality_summary.ci95([-1.0, -1.2, -0.8])) == "below"
+    assert quality_summary.verdict(quality_summary.ci95([1.0])) == "n < 2"
+    # per-batch pairs carry the same interval arithmetic
+    paired = payload["cells"]["fastclip-v3"]["32"]["paired"]
+    assert paired["diffs"] == pytest.approx([3.0, 1.0, 4.0]) and paired["ci_low"] < paired["mean"] < paired["ci_high"]
+    mde = payload["detectable"]["degradation minus CLIP's"]
+    assert mde["n"] == 3
+    assert mde["mde"] == pytest.approx((t.ppf(0.975, 2) + t.ppf(0.8, 2)) * statistics.stdev(diffs) / math.sqrt(3))
+
+
+def test_quality_targets_list_each_seeds_result_files(tmp_path):
+    """make bench-quality asks Snakemake for one seed's evaluations at a time: every method and batch of it."""
+    from amorlip.config import load_config
+    from benchmarks.quality_targets import targets_by_seed
+
+    config = load_config({"paths": {k: str(tmp_path / k) for k in ("data", "runs", "results", "resources")},
+                          "datasets": {"d": {"source": "emoji"}}, "defaults": {"dataset": "d"}, "runs": {},
+                          "sweep": {"method": ["clip", "fastclip"], "variant": ["v3"], "batch_size": [32, 128],
+                                    "seed": [2, 0]}, "evaluation": {"suites": ["emoji-heldout"]}},
+                         check_paths=False)
+    by_seed = targets_by_seed(config)
+    assert list(by_seed) == [0, 2]
+    assert sorted(Path(p).parent.name for p in by_seed[2]) == [
+        "clip-b128-s2", "clip-b32-s2", "fastclip-v3-b128-s2", "fastclip-v3-b32-s2"]
+    assert all(p.startswith(str(tmp_path / "results")) and p.endswith("/emoji-heldout.json") for p in by_seed[0])

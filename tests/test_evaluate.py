@@ -9,11 +9,9 @@ encoder, exactly chance for a constant one, exactly 0 for a shifted one.
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ import webdataset as wds
 from PIL import Image
 
 from amorlip.evaluate import runner, suites, zeroshot
-from amorlip.evaluate.download import DownloadError, download_suite
 
 NAMES = ["apple", "banana", "cherry", "damson", "elder", "fig"]
 TEMPLATES = ["a photo of a {c}.", "an icon of the {c}"]
@@ -306,8 +303,8 @@ def test_tasks_json_suite_and_mlflow_child(tmp_path, monkeypatch):
     assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"emoji-heldout.json", "emoji-heldout.csv"}
 
     # `amorlip evaluate`'s path: a real exported open_clip model (random tiny towers) from model.pt
+    from amorlip.model_file import FORMAT
     from amorlip.models import create_model, model_config
-    from amorlip.train.export import FORMAT
 
     model, _, _ = create_model("amorlip-tiny")
     (tmp_path / "runs" / "amorlip").mkdir(parents=True)
@@ -368,93 +365,4 @@ def test_eval_results_land_on_the_training_run(tmp_path, monkeypatch):
     assert good.data.tags["amorlip.eval_run_id.emoji-heldout"] != train_ids["good"]
 
 
-# --------------------------------------------------------------------------- download (real HTTP on loopback)
-
-
-class _HFHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with HTTP Range support (for the resume path); records what was requested."""
-
-    requests: list[str] = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        rng = self.headers.get("Range")
-        type(self).requests.append(self.path + (f" [{rng}]" if rng else ""))
-        path = Path(self.translate_path(self.path))
-        if rng and path.is_file():
-            start = int(rng.split("=")[1].split("-")[0])
-            data = path.read_bytes()[start:]
-            self.send_response(206)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{path.stat().st_size}")
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        super().do_GET()
-
-
-@pytest.fixture()
-def fake_hf(tmp_path):
-    """A loopback server with the HF layout: <repo>/resolve/main/<file>."""
-    site = tmp_path / "hf" / "datasets"
-    name = suites.datacomp_folder_name
-    write_classification_set(site / "djghosh" / name("cifar10") / "resolve" / "main", BALANCED, shards=2)
-    write_retrieval_set(site / "clip-benchmark" / "wds_flickr30k" / "resolve" / "main", n=6)
-    broken = site / "djghosh" / name("mnist") / "resolve" / "main"
-    write_classification_set(broken, BALANCED)
-    (broken / "test" / "0.tar").unlink()
-    handler = type("H", (_HFHandler,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(site.parent)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/datasets", site, handler
-    server.shutdown()
-    server.server_close()
-
-
-def test_download_suite_over_loopback(tmp_path, fake_hf, monkeypatch):
-    base, site, handler = fake_hf
-    root = tmp_path / "datacomp"
-    status = download_suite("datacomp", root, tasks=["cifar10", "retrieval/flickr30k", "misc/winogavil"],
-                            base_url=base, progress=False)
-    assert status["cifar10"] == "downloaded" and status["retrieval/flickr30k"] == "downloaded"
-    assert status["misc/winogavil"].startswith("skipped")
-    src = site / "djghosh" / "wds_cifar10_test" / "resolve" / "main"
-    for rel in ("classnames.txt", "zeroshot_classification_templates.txt", "test/nshards.txt", "test/0.tar", "test/1.tar"):
-        assert (root / "wds_cifar10_test" / rel).read_bytes() == (src / rel).read_bytes(), rel
-    assert (root / "wds_retrieval-flickr30k_test" / "dataset_type.txt").read_text().strip() == "retrieval"
-    assert not list(root.rglob("*.part"))
-
-    # the downloaded folders are what the suite reads: evaluate them
-    suite = suites.datacomp_suite(root)
-    res = runner.evaluate_suite(KnownModel(6), ClassTokenizer(NAMES), TRANSFORM, suite, run="r")
-    assert res["tasks"]["cifar10"]["main"] == 1.0 and res["tasks"]["retrieval/flickr30k"]["main"] == 1.0
-    assert res["aggregates"]["covered"] == 2
-
-    # rerun (through an HF_ENDPOINT mirror setting): complete files are not fetched again
-    handler.requests.clear()
-    monkeypatch.setenv("HF_ENDPOINT", base.removesuffix("/datasets"))
-    again = download_suite("datacomp", root, tasks=["cifar10"], progress=False)
-    assert again == {"cifar10": "complete"}
-    assert handler.requests == []  # everything was there: not even a request
-
-    # an interrupted shard resumes from its .part with a Range request
-    shard = root / "wds_cifar10_test" / "test" / "1.tar"
-    data = shard.read_bytes()
-    shard.unlink()
-    shard.with_name("1.tar.part").write_bytes(data[:1000])
-    assert download_suite("datacomp", root, tasks=["cifar10"], progress=False) == {"cifar10": "downloaded"}
-    assert shard.read_bytes() == data
-    assert handler.requests == ["/datasets/djghosh/wds_cifar10_test/resolve/main/test/1.tar [bytes=1000-]"]
-
-
-def test_download_failure_is_reported_after_trying_every_task(tmp_path, fake_hf):
-    base, _, _ = fake_hf
-    root = tmp_path / "datacomp"
-    with pytest.raises(DownloadError, match="mnist"):
-        download_suite("datacomp", root, tasks=["mnist", "cifar10"], base_url=base, progress=False)
-    assert (root / "wds_cifar10_test" / "test" / "1.tar").exists()  # the good task still downloaded
-    with pytest.raises(ValueError, match="unknown DataComp task"):
-        download_suite("datacomp", root, tasks=["imagenet-z"], base_url=base)
+# DataComp downloads (huggingface_hub against a loopback hub): tests/test_datacomp_download.py

@@ -12,9 +12,10 @@ from train_configs import ensure_trained, shared_root
 
 from amorlip.amortizer import LambdaNet
 from amorlip.config import load_config
+from amorlip.model_file import FORMAT, load_exported
 from amorlip.train.checkpoint import latest_complete_tag
 from amorlip.train.engine import scalar_params_to_1d
-from amorlip.train.export import FORMAT, export, load_exported
+from amorlip.train.export import export
 
 pytestmark = pytest.mark.dist
 

@@ -4,31 +4,21 @@ On a cluster the jobs run on many nodes and SQLite on a network file system is f
 start `mlflow server` and point the pipeline at it (config `mlflow.tracking_uri`, or
 MLFLOW_TRACKING_URI, which wins). This starts a real server bound to 127.0.0.1 on a free port, runs
 the tracking API the rules use (parent run, train child with metrics and an artifact), and reads
-everything back through MlflowClient over HTTP.
+everything back through MlflowClient over HTTP and the REST API. The server helper and the REST
+checks of a whole pipeline's store live in tests/mlflow_rest.py (run from tests/test_pipeline_e2e.py
+over the tiny pipeline's store).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_rest import Rest
+from mlflow_rest import mlflow_server as serve_mlflow
 
 from amorlip.config import load_config, tracking_uri
-
-MLFLOW = Path(sys.executable).parent / "mlflow"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _other_address() -> str | None:
@@ -45,39 +35,8 @@ def _other_address() -> str | None:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "w")  # noqa: SIM115 -- closed at teardown
-    proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not come up:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield {"url": url, "port": port, "root": root}
-    finally:
-        # the server forks uvicorn workers into its own session: stop exactly that group
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+    with serve_mlflow(f"sqlite:///{root}/mlflow.db", root, artifacts=root / "artifacts") as server:
+        yield server
 
 
 def test_server_listens_on_loopback_only(mlflow_server):
@@ -129,5 +88,8 @@ def test_pipeline_tracking_through_server(mlflow_server, tmp_path, monkeypatch):
 
     top = client.get_run(parent["run_id"])
     assert top.data.metrics["mean_main"] == 0.5 and top.info.status == "FINISHED"
+    # the same through the REST API the UI calls: the experiment opens as model training
+    experiment = Rest(url).get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="server-test")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     # nothing fell back to the offline JSONL: the server took every event
     assert not list((tmp_path / "results").rglob("*.jsonl"))

@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_rest import check_researcher_view, chromium, mlflow_server, runs_page_dom
 from tinydata import copy_tiny_data, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Comp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the pipeline, then an MLflow server, a headless browser and the report over it
 def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
     copy_tiny_data(tiny_data, tmp_path)
@@ -69,6 +72,17 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
 
+    # what a researcher browses: the MLflow UI's REST API over the pipeline's store, the runs page in a
+    # real browser, and the Snakemake report
+    with mlflow_server(f"sqlite:///{tmp_path}/results/mlflow.db", tmp_path, artifacts=tmp_path / "served") as server:
+        training = check_researcher_view(server["url"], parent, tmp_path / "runs", tmp_path / "results",
+                                         ["emoji-heldout"])
+        assert sorted(training) == ["amorlip", "clip"]
+        if chromium():
+            dom = runs_page_dom(server["url"], parent["experiment_id"], tmp_path)
+            assert parent["run_name"] in dom, dom[-2000:]  # the runs table, with the pipeline's parent run
+    _check_snakemake_report(tmp_path, runs=["amorlip", "clip"])
+
     # editing the config reruns only what the edit touches: a new run trains alone (no download, no
     # retraining of the others), and a changed lr retrains that one run
     config = tiny_config()
@@ -81,6 +95,28 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     assert _job_counts(out) == {"train_run": 2, "export": 2, "evaluate_run": 2, "report": 1, "all": 1}, out[-3000:]
     scheduled = {line.split("run=")[1].split(",")[0].strip() for line in out.splitlines() if "wildcards: run=" in line}
     assert scheduled == {"clip-s1", "amorlip"}, out[-3000:]
+
+
+# a phrase of the workflow description (workflow/report/workflow.rst) and of each caption
+CAPTIONS = ["contrastive image-text pre-training compared", "One row per run: method, variant",
+            "The results table in words", "A comparison across the runs of this pipeline", "Training curves of run"]
+
+
+def _check_snakemake_report(workdir: Path, runs: list[str]) -> None:
+    """`snakemake --report report.zip` holds the workflow description, every caption and every plot:
+    each run's loss curves and each comparison plot in results/plots (compared by content)."""
+    proc = _snakemake(workdir, "--report", "report.zip", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with zipfile.ZipFile(workdir / "report.zip") as zf:
+        blobs = {name: zf.read(name) for name in zf.namelist() if not name.endswith("/")}
+    text = " ".join("\n".join(b.decode("utf-8", "replace") for n, b in blobs.items()
+                              if n.endswith((".html", ".js", ".json", ".rst"))).replace("\\n", " ").split())
+    for phrase in CAPTIONS:
+        assert phrase in text, f"{phrase!r} not in the report"
+    pngs = set(blobs.values())
+    expected = [workdir / f"runs/{run}/loss_curves.png" for run in runs] + sorted((workdir / "results/plots").glob("*.png"))
+    missing = [str(p.relative_to(workdir)) for p in expected if p.read_bytes() not in pngs]
+    assert not missing, f"not in the report: {missing}"
 
 
 def _job_counts(out: str) -> dict[str, int]:

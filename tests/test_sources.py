@@ -166,7 +166,7 @@ def test_shipped_paper_configs_load(name, model, batch, dataset, samples, tmp_pa
     assert ds["source"] == "url_list" and ds["column_names"] and ds["paper_samples"] == samples
     assert config["evaluation"]["suites"] == ["datacomp"]
     runs = expand_runs(config)
-    assert {r.method for r in runs.values()} == {"clip", "amorlip"}
+    assert {r.method for r in runs.values()} == {"clip", "amorlip", "fastclip"}  # FastCLIP: its authors' recipe
     for run in runs.values():
         assert (run.model, run.batch_size, run.dataset, run.precision) == (model, batch, dataset, "bf16")
     monkeypatch.chdir(tmp_path)  # url_list is relative to the working directory: here it is absent

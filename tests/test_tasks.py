@@ -1,14 +1,15 @@
 """Task objects through their contract (docs/architecture.md), on a tiny two-tower model.
 
 The model is a real nn.Module (two linear towers + a learnable log s), trained on clustered Gaussian
-pairs; nothing is mocked.
+pairs; nothing is mocked. Training steps go through the trainer's own step
+(amorlip.train.step.encoder_step) on a one-rank DeepSpeed engine built by the trainer's
+build_engine (its AdamW groups, gradient clipping and ZeRO-1, the logit-scale clamp).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import math
 
 import pytest
@@ -20,6 +21,9 @@ from amorlip.config import ConfigError, get_run, load_config
 from amorlip.objectives import clip_loss, encoder_loss, encoder_loss_local, mix_log_targets, partition_targets
 from amorlip.schedules import beta_for_epoch, cosine_lr
 from amorlip.tasks import AmorlipTask, ClipTask, SiglipTask, build_task
+from amorlip.train import checkpoint as ckpt
+from amorlip.train.engine import build_engine, set_lr
+from amorlip.train.step import encoder_step
 
 IN_DIM, EMBED, BATCH = 24, 16, 32
 
@@ -69,6 +73,18 @@ def base_run():
     return get_run(config, "a")
 
 
+def engine_and_task(run, model, one_rank, batch: int = BATCH):
+    """``model`` in a one-rank DeepSpeed engine (``one_rank``: the one_rank_world fixture) and its
+    task, wired as the trainer wires them (amorlip.train.run.build_model_engine_task): the task
+    holds the engine as its model."""
+    world = one_rank.world(batch)
+    with one_rank.launched():
+        engine, _ = build_engine(model, run, world)
+    task = build_task(run, engine.module, EMBED, "cpu")
+    task.model = engine
+    return engine, task
+
+
 def make_run(base, method="amorlip", variant="published", **amorlip):
     pos_coef = 1e-3 if variant == "published" else 1.0
     partition = "mixed_target" if variant == "published" else "ema_net"
@@ -88,27 +104,30 @@ def test_build_task_picks_the_method(base_run):
         build_task(dataclasses.replace(base_run, method="other"), model, EMBED, "cpu")
 
 
-def test_clip_and_siglip_steps_and_the_temperature_clamp(base_run):
+def test_clip_and_siglip_steps_and_the_temperature_clamp(base_run, one_rank_world):
     data = ClusteredPairs(1)
     for method in ("clip", "siglip"):
+        # s starts at 1/0.07 = 14.3, above this run's max_logit_scale 10
+        run = dataclasses.replace(make_run(base_run, method), max_logit_scale=10.0)
         model = TwoTowers(bias=-10.0)
-        task = build_task(make_run(base_run, method), model, EMBED, "cpu")
+        engine, task = engine_and_task(run, model, one_rank_world)
         task.start_epoch(0, 10)
-        images, texts = data.batch()
-        out = task.training_step(images, texts, 0, torch.optim.SGD(model.parameters(), lr=0.1))
+        out = encoder_step(task, engine, *data.batch(), 0)
         assert set(out) >= {"loss", f"{method}_loss", "logit_scale"}
         # diagnostics are detached scalar tensors (read by the trainer on logging steps only)
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
                    for k, v in out.items() if k != "loss")
         assert task.lambda_nets_state() is None and task.state_dict() == {}
-        with torch.no_grad():
-            model.logit_scale.fill_(9.0)
-        task.after_encoder_step()
-        assert model.logit_scale.item() == pytest.approx(math.log(100.0))
-        with torch.no_grad():
-            model.logit_scale.fill_(-1.0)
-        task.after_encoder_step()
-        assert model.logit_scale.item() == 0.0
+        assert model.logit_scale.item() == pytest.approx(math.log(10.0))  # clamped after the step
+        encoder_step(task, engine, *data.batch(), 1)
+        # ZeRO's fp32 master copy was clamped too: this step moved on from ln 10 (one AdamW step of lr
+        # 1e-2), not from the unclamped ln 14.3 = 2.66
+        assert math.log(10.0) - 0.05 < model.logit_scale.item() <= math.log(10.0) + 1e-6
+        low = TwoTowers(bias=-10.0, init_scale=0.5)  # log s < 0: the clamp's lower end, s = 1
+        engine, task = engine_and_task(run, low, one_rank_world)
+        task.start_epoch(0, 10)
+        encoder_step(task, engine, *data.batch(), 0)
+        assert low.logit_scale.item() == 0.0
 
 
 def test_amorlip_step_keeps_lambda_and_encoder_gradients_apart(base_run):
@@ -136,14 +155,14 @@ def test_amorlip_step_keeps_lambda_and_encoder_gradients_apart(base_run):
             "lambda_updates"} <= set(out)
 
 
-def test_published_variant_uses_the_mixed_target_and_rescales(base_run):
+def test_published_variant_uses_the_mixed_target_and_rescales(base_run, one_rank_world):
     run = make_run(base_run, t_target=1)
     model = TwoTowers()
-    task = build_task(run, model, EMBED, "cpu")
+    engine, task = engine_and_task(run, model, one_rank_world)
     data = ClusteredPairs(3)
     task.start_epoch(0, 3)
     for k in range(3):
-        task.training_step(*data.batch(), k, torch.optim.SGD(model.parameters(), lr=0.05))
+        encoder_step(task, engine, *data.batch(), k)
     task.start_epoch(1, 3)
     beta = beta_for_epoch(1, run.amorlip.beta_max, run.amorlip.beta_epochs)
     assert task.beta == beta > 0 and task.rho == 8.5  # rho (8.5, -8.5) over 4 epochs: 8.5 for 0-1
@@ -164,14 +183,14 @@ def test_published_variant_uses_the_mixed_target_and_rescales(base_run):
     assert out["log_target_mean"] == pytest.approx(0.5 * (lam_img.log().mean() + lam_txt.log().mean()).item(), rel=1e-4)
 
 
-def test_paper_variant_reads_the_ema_net_before_its_update(base_run):
+def test_paper_variant_reads_the_ema_net_before_its_update(base_run, one_rank_world):
     run = make_run(base_run, "amorlip", "paper", t_target=1, scale_loss=False)
     model = TwoTowers()
-    task = build_task(run, model, EMBED, "cpu")
+    engine, task = engine_and_task(run, model, one_rank_world)
     task.start_epoch(0, 5)
     data = ClusteredPairs(4)
     for k in range(2):
-        task.training_step(*data.batch(), k, torch.optim.SGD(model.parameters(), lr=0.05))
+        encoder_step(task, engine, *data.batch(), k)
     images, texts = data.batch()
     ema_before = copy.deepcopy(task.lambdas.ema)  # Stage I does not touch the EMA nets
     out = task.training_forward(images, texts, 2)
@@ -277,48 +296,26 @@ def test_local_negatives_with_the_mixed_target_are_refused(base_run):
         load_config({"runs": small}, check_paths=False)
 
 
-def test_metric_window_averages_each_key_over_the_steps_that_produced_it():
-    from amorlip.distributed import WorldInfo
-    from amorlip.train.loop import MetricWindow
-
-    world = WorldInfo(rank=0, local_rank=0, world_size=1, group=None, device=torch.device("cpu"),
-                      global_batch=4, local_batch=4)
-    window = MetricWindow()
-    window.add({"loss": torch.tensor(1.0), "gap": torch.tensor(10.0), "n": 3, "lr": 0.1})
-    window.add({"loss": torch.tensor(3.0), "n": 5})
-    window.add({"loss": torch.tensor(5.0), "gap": torch.tensor(20.0), "rare": 7.0})
-    means, skipped = window.reduce(world, 2)
-    assert means == {"loss": 3.0, "gap": 15.0, "n": 4.0, "rare": 7.0} and skipped == 2
-    window.add({"loss": torch.tensor(2.0)})
-    assert window.reduce(world, 0) == ({"loss": 2.0}, 0)  # emptied after each reduce
-
-
-def test_state_dict_round_trip_reproduces_the_next_step_exactly(base_run):
+def test_state_dict_round_trip_reproduces_the_next_step_exactly(base_run, one_rank_world, tmp_path):
+    """Through the trainer's checkpoint (DeepSpeed's module and ZeRO optimizer + the task's state)."""
     run = make_run(base_run)
     data = ClusteredPairs(6)
     batches = [data.batch() for _ in range(5)]
     model = TwoTowers()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    task = build_task(run, model, EMBED, "cpu")
+    engine, task = engine_and_task(run, model, one_rank_world)
     task.start_epoch(0, 2)
     for k in range(2):
-        task.training_step(*batches[k], k, opt)
+        encoder_step(task, engine, *batches[k], k)
     task.start_epoch(1, 3)
-    task.training_step(*batches[2], 0, opt)
-    buffer = io.BytesIO()
-    torch.save({"task": task.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    encoder_step(task, engine, *batches[2], 0)
+    tag = ckpt.save_checkpoint(engine, tmp_path, 3, {"task": task.state_dict()}, keep=1)
     model2 = TwoTowers(seed=99)
-    model2.load_state_dict(saved["model"])
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    opt2.load_state_dict(saved["opt"])
-    task2 = build_task(run, model2, EMBED, "cpu")
-    task2.load_state_dict(saved["task"])
+    engine2, task2 = engine_and_task(run, model2, one_rank_world)
+    task2.load_state_dict(ckpt.load_checkpoint(engine2, tmp_path, tag)["task"])
     task2.start_epoch(1, 3)  # a mid-epoch resume: the life cycle of epoch 1 is not repeated
     for k, batch in zip((1, 2), batches[3:]):
-        a = task.training_step(*batch, k, opt)
-        b = task2.training_step(*batch, k, opt2)
+        a = encoder_step(task, engine, *batch, k)
+        b = encoder_step(task2, engine2, *batch, k)
         assert a["loss"].item() == b["loss"].item()
         assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
@@ -338,24 +335,24 @@ def probe_metrics(model, probe):
 
 
 @pytest.mark.parametrize("method,variant", [("clip", "none"), ("amorlip", "published"), ("amorlip", "paper")])
-def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_run, method, variant):
+def test_200_steps_on_clustered_data_learn_and_lambda_tracks_the_targets(base_run, one_rank_world, method, variant):
     epochs, steps = 4, 50
     # a 50-step epoch is short: a faster lambda lr and EMA than the paper's (thousands of steps per
     # epoch) let the re-initialised nets catch up within an epoch
-    run = dataclasses.replace(make_run(base_run, method, variant, lambda_lr=3e-2, ema_alpha=0.8, t_target=1), epochs=epochs)
+    run = dataclasses.replace(make_run(base_run, method, variant, lambda_lr=3e-2, ema_alpha=0.8, t_target=1),
+                              epochs=epochs, weight_decay=0.0, warmup_steps=20)
     data = ClusteredPairs(7)
     probe = data.batch(256)
     model = TwoTowers(seed=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
-    task = build_task(run, model, EMBED, "cpu")
+    engine, task = engine_and_task(run, model, one_rank_world)
     start_loss, start_top1 = probe_metrics(model, probe)
     gaps, prev_gaps = {}, {}
     for epoch in range(epochs):
         task.start_epoch(epoch, steps)
         for k in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(epoch * steps + k, run.lr, 20, epochs * steps)
-            out = task.training_step(*data.batch(), k, opt)
+            lr = set_lr(engine.optimizer, run, epoch * steps + k, epochs * steps)  # the trainer's schedule
+            assert lr == pytest.approx(cosine_lr(epoch * steps + k, run.lr, 20, epochs * steps))
+            out = encoder_step(task, engine, *data.batch(), k)
             assert math.isfinite(out["loss"].item())
             if method == "amorlip":
                 gaps.setdefault(epoch, []).append(abs(out["lambda_gap"]))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from amorlip.config import load_config
-from amorlip.mlflow_replay import replay
 from amorlip.tracking import child_run, flatten, init_pipeline, log_to_parent
+from amorlip.tracking.replay import replay
 
 
 def _config(tmp_path, uri=None):
@@ -257,3 +258,138 @@ def test_exported_model_is_an_artifact_of_the_training_run(tmp_path):
     log_export(config, "r1", model, 5)
     (run_dir / "train.json").write_text(json.dumps({"mlflow_run_id": None}))
     log_export(config, "r1", model, 5)
+
+
+def test_training_runs_are_named_by_what_ran(tmp_path):
+    """method-variant-batch-seed; the config's name is kept when it says more, and as the tag
+    ``amorlip.run`` (lookups go by run id, from train.json)."""
+    from amorlip.config import expand_runs
+    from amorlip.tracking import training_run_name
+
+    config = load_config({
+        "name": "names", "paths": {k: str(tmp_path / k) for k in ("data", "runs", "results", "resources")},
+        "runs": {"amorlip": {"method": "amorlip"}, "baseline": {"method": "clip", "seed": 2},
+                 "amorlip-paper-s1": {"method": "amorlip", "variant": "paper", "seed": 1, "batch_size": 32}},
+    }, check_paths=False)
+    runs = expand_runs(config)
+    assert {n: training_run_name(r) for n, r in runs.items()} == {
+        "amorlip": "amorlip-published-b64-s0", "baseline": "clip-b64-s2-baseline",
+        "amorlip-paper-s1": "amorlip-paper-b32-s1"}
+    with child_run(config, "amorlip", "train", display_name=training_run_name(runs["amorlip"])) as tracker:
+        pass
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.info.run_name == "amorlip-published-b64-s0" and run.data.tags["amorlip.run"] == "amorlip"
+
+
+def test_parent_run_carries_the_resolved_config(tmp_path):
+    config = _config(tmp_path)
+    parent = init_pipeline(config, tmp_path / "results" / "mlflow_parent.json")
+    client = MlflowClient(parent["tracking_uri"])
+    run = client.get_run(parent["run_id"])
+    assert run.data.params["config.name"] == "pipe-test"
+    assert run.data.params["config.mlflow.experiment"] == "exp-test"
+    assert run.data.params["config.runs.r1.method"] == "clip"
+    got = client.download_artifacts(parent["run_id"], "config.yaml", str(tmp_path / "dl"))
+    import yaml
+
+    assert yaml.safe_load(open(got)) == json.loads(json.dumps(config, default=str))
+    # a parent started late by the report (init never ran in this store) carries it too
+    other = _config(tmp_path / "late")
+    late_id = log_to_parent(other, metrics={"m": 1.0})
+    late = MlflowClient(f"sqlite:///{(tmp_path / 'late' / 'results' / 'mlflow.db').resolve()}").get_run(late_id)
+    assert late.data.params["config.runs.r1.method"] == "clip" and late.data.tags["amorlip.kind"] == "pipeline"
+
+
+def test_attach_logs_onto_a_finished_run_without_ending_it(tmp_path):
+    from amorlip.tracking import Tracker
+
+    config = _config(tmp_path)
+    with child_run(config, "r1", "train") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+    later = Tracker(tracker.uri, tmp_path / "later.jsonl")
+    assert later.attach(tracker.run_id) and not later.offline
+    later.log_metrics({"eval/acc": 50.0}, step=1)
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.data.metrics["eval/acc"] == 50.0 and run.info.status == "FINISHED"
+    assert not Tracker(tracker.uri, tmp_path / "x.jsonl").attach("0" * 32)  # not in this store
+    dead = Tracker(f"http://127.0.0.1:{_closed_port()}", tmp_path / "dead.jsonl")
+    assert dead.attach(tracker.run_id) and dead.offline  # kept for replay, onto the same run id
+    dead.log_metrics({"eval/acc": 51.0}, step=2)
+    (run_id,) = replay(tmp_path / "dead.jsonl", tracking_uri=tracker.uri)
+    assert run_id == tracker.run_id
+    assert [m.value for m in MlflowClient(tracker.uri).get_metric_history(run_id, "eval/acc")] == [50.0, 51.0]
+
+
+def test_system_metrics_on_a_training_run(tmp_path, caplog):
+    config = _config(tmp_path)
+    config["mlflow"]["system_metrics_interval_s"] = 0.2
+    with child_run(config, "r1", "train", system_metrics=True) as tracker:
+        time.sleep(1.0)
+    metrics = MlflowClient(tracker.uri).get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    # off in the config: none; a dead store: skipped with a log line, the job goes on
+    config["mlflow"]["system_metrics"] = False
+    with child_run(config, "r2", "train", system_metrics=True) as quiet:
+        pass
+    assert not [k for k in MlflowClient(tracker.uri).get_run(quiet.run_id).data.metrics if k.startswith("system/")]
+    dead = _config(tmp_path / "dead", uri=f"http://127.0.0.1:{_closed_port()}")
+    with caplog.at_level("INFO", logger="amorlip.tracking.system_metrics"):
+        with child_run(dead, "r1", "train", system_metrics=True) as offline:
+            pass
+    assert offline.offline and "no system metrics" in caplog.text
+
+
+def test_logged_model_loads_back_into_open_clip_and_registers(tmp_path):
+    """The exported model, downloaded from the store through MLflow, rebuilds the same model with the
+    project's loader and with open_clip alone; ``mlflow.register_model`` adds a registry version."""
+    import open_clip
+    import torch
+    from mlflow.artifacts import download_artifacts
+
+    from amorlip.model_file import load_exported, write_model_file
+    from amorlip.models import create_model, model_config
+    from amorlip.train.export import log_export
+
+    config = _config(tmp_path)
+    config["mlflow"]["register_model"] = "amorlip-tiny-test"
+    init_pipeline(config, tmp_path / "results" / "mlflow_parent.json")
+    with child_run(config, "r1", "train") as tracker:
+        pass
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
+    torch.manual_seed(0)
+    model, _, _ = create_model("amorlip-tiny")
+    model.eval()
+    payload = write_model_file(run_dir / "model.pt", model_name="amorlip-tiny", model_config=model_config("amorlip-tiny"),
+                               model_kwargs={}, state_dict=model.state_dict(), run={"name": "r1"}, lambda_nets=None,
+                               step=7, checkpoint_tag="step-0000007", method="clip", variant="none")
+    log_export(config, "r1", run_dir / "model.pt", 7, {k: payload[k] for k in ("model_name", "model_config", "model_kwargs")})
+
+    client = MlflowClient(tracker.uri)
+    (output,) = client.get_run(tracker.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, logged.params["model_name"], str(logged.status)) == ("r1", "amorlip-tiny", "READY")
+    local = Path(download_artifacts(artifact_uri=logged.artifact_location, dst_path=str(tmp_path / "dl"),
+                                    tracking_uri=tracker.uri))
+    assert sorted(p.name for p in local.iterdir()) == ["README.md", "model.pt", "open_clip_config.json"]
+
+    loaded, _, tokenizer, meta = load_exported(local / "model.pt")
+    cfg = json.loads((local / "open_clip_config.json").read_text())
+    plain = open_clip.CLIP(**cfg["model_cfg"], **cfg["model_kwargs"], output_dict=True)
+    plain.load_state_dict(torch.load(local / "model.pt", weights_only=True)["state_dict"])
+    plain.eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    texts = tokenizer(["a red square", "a blue circle", "a green star"])
+    with torch.no_grad():
+        want_img, want_txt = model.encode_image(images), model.encode_text(texts)
+        for other in (loaded, plain):
+            torch.testing.assert_close(other.encode_image(images), want_img, rtol=0, atol=0)
+            torch.testing.assert_close(other.encode_text(texts), want_txt, rtol=0, atol=0)
+    assert meta["step"] == 7
+
+    (version,) = client.search_model_versions("name='amorlip-tiny-test'")
+    assert (version.run_id, version.source, int(version.version)) == (tracker.run_id, logged.artifact_location, 1)
+    log_export(config, "r1", run_dir / "model.pt", 7)  # a second export: a second version
+    assert len(client.search_model_versions("name='amorlip-tiny-test'")) == 2

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
-from train_configs import child_env, ensure_trained, read_jsonl, run_cli, shared_root, train_cmd
+from train_configs import child_env, ensure_trained, read_jsonl, run_cli, shared_root, train_cmd, trainer_root
 
 from amorlip.config import load_config
 from amorlip.data.loader import TrainLoader
@@ -31,9 +31,24 @@ from amorlip.train.run import EXIT_REQUEUE, train
 pytestmark = pytest.mark.dist
 
 
+# Runs these tests watch while they train (a signal, a kill, a dead MLflow): trained here only, in a
+# folder made for this module, so that no earlier module or reused folder can train them first.
+INTERRUPTED_RUNS = {
+    "term": {"method": "clip", "zero_stage": 0},                                    # 1 rank, SIGTERM
+    "z2": {"method": "clip", "nproc": 2, "zero_stage": 2, "max_logit_scale": 10.0},  # 2 ranks, MLflow down
+    "kill": {"method": "amorlip", "nproc": 2, "zero_stage": 1},                     # 2 ranks, kill -9
+}
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    """A new folder (numbered by pytest, never reused) holding INTERRUPTED_RUNS untrained."""
+    return trainer_root(tmp_path_factory.mktemp("trainer-interrupted"), INTERRUPTED_RUNS)
 
 
 def _summary(root: Path, run: str) -> dict:
@@ -41,7 +56,7 @@ def _summary(root: Path, run: str) -> dict:
 
 
 def _losses(root: Path, run: str, key: str = "loss") -> list[float]:
-    return [r[key] for r in read_jsonl(root / "runs" / run / "metrics.jsonl")]
+    return [r[key] for r in read_jsonl(root / "runs" / run / "metrics.jsonl") if "kind" not in r]
 
 
 def _weights_sha(state: dict[str, torch.Tensor]) -> str:
@@ -95,6 +110,11 @@ def test_amorlip_one_rank_outputs_and_mlflow(root):
     records = [r for r in lines if "kind" not in r]  # the step records; per-epoch diagnostics apart
     assert [r["step"] for r in records] == list(range(1, 25))
     assert [r["step"] for r in lines if r.get("kind") == "amortization"] == [12, 24]  # one per epoch end
+    # the fixed-batch validation metric: once per epoch end, all 192 samples (fewer than the default 256)
+    val = [r for r in lines if r.get("kind") == "validation"]
+    assert [(r["step"], r["epoch"], r["val_batch"]) for r in val] == [(12, 0, 192), (24, 1, 192)]
+    assert all(0 < r["val_infonce"] < math.log(192) for r in val), val  # the colour signal is picked up
+    assert summary["validation"] == {k: v for k, v in val[-1].items() if k not in ("kind", "time")} | {"temperature": 0.07}
     assert {"lr", "logit_scale", "lambda_gap", "images_per_s", "epoch"} <= set(records[0])
     epoch0 = [r["loss"] for r in records if r["epoch"] == 0 and r["step"] <= 12]
     assert sum(epoch0[-3:]) / 3 < epoch0[0] - 0.1, epoch0  # the encoder objective goes down in epoch 0
@@ -106,13 +126,19 @@ def test_amorlip_one_rank_outputs_and_mlflow(root):
     parent = json.loads((root / "results" / "mlflow_parent.json").read_text())
     client = MlflowClient(parent["tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "amor"
+    # named by what ran (method-variant-batch-seed, then the config's name); the config's name as a tag
+    assert run.info.status == "FINISHED" and run.info.run_name == "amorlip-published-b16-s0-amor"
+    assert run.data.tags["amorlip.run"] == "amor"
+    # system metrics on the training run (MLflow's monitor; at least its closing sample)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     assert run.data.tags["mlflow.parentRunId"] == parent["run_id"]
     assert run.data.tags["method"] == "amorlip" and run.data.tags["variant"] == "published"
     assert run.data.tags["amorlip.kind"] == "train"
     assert run.data.params["amorlip.pos_coef"] == "0.001" and run.data.params["batch_size"] == "16"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 25))
     assert client.get_metric_history(run.info.run_id, "lambda_gap")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/infonce")] == \
+        [(r["step"], pytest.approx(r["val_infonce"])) for r in val]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"train.json", "loss_curves.png", "run_config.yaml", "metrics.jsonl"} <= artifacts
 
@@ -120,12 +146,17 @@ def test_amorlip_one_rank_outputs_and_mlflow(root):
     mtime = (root / "runs" / "amor" / "train.json").stat().st_mtime_ns
     assert train(config, "amor") == 0
     assert (root / "runs" / "amor" / "train.json").stat().st_mtime_ns == mtime
+    # ... that redraws loss_curves.png (a rule output) when only the figure is gone
+    (root / "runs" / "amor" / "loss_curves.png").unlink()
+    assert train(config, "amor") == 0
+    assert (root / "runs" / "amor" / "loss_curves.png").stat().st_size > 1000
+    assert (root / "runs" / "amor" / "train.json").stat().st_mtime_ns == mtime
 
 
-def test_sigterm_checkpoints_then_requeue_resumes(root):
+def test_sigterm_checkpoints_then_requeue_resumes(fresh):
+    root = fresh
     run_dir = root / "runs" / "term"
-    if (run_dir / "train.json").exists():
-        pytest.skip("already trained by an earlier module")
+    assert not (run_dir / "train.json").exists()
     proc = subprocess.Popen(train_cmd(root / "config.yaml", "term"), env=child_env(AMORLIP_DEBUG_STEP_SLEEP="0.3"),
                             text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -145,13 +176,14 @@ def test_sigterm_checkpoints_then_requeue_resumes(root):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = _summary(root, "term")
     assert summary["steps"] == 24 and summary["resumed_from"] == tags[-1]
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 25))  # CLIP: no diagnostics
+    # every step once (the per-epoch validation records, which carry a "kind", apart)
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "kind" not in r] == list(range(1, 25))
     losses = _losses(root, "term")
     assert sum(losses[-4:]) / 4 < losses[0] - 0.5, losses  # colour captions are learnable
     # the resumed job continued the same MLflow run
     parent = json.loads((root / "results" / "mlflow_parent.json").read_text())
     client = MlflowClient(parent["tracking_uri"])
-    runs = client.search_runs([parent["experiment_id"]], "attributes.run_name = 'term'")
+    runs = client.search_runs([parent["experiment_id"]], "tags.`amorlip.run` = 'term'")  # the config's run name
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")] == list(range(1, 25))
@@ -166,22 +198,32 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_zero2_agree_and_survive_dead_mlflow(root, tmp_path):
-    if (root / "runs" / "z2" / "train.json").exists():
-        pytest.skip("already trained by an earlier module")
+def test_two_ranks_zero2_agree_and_survive_dead_mlflow(fresh, tmp_path):
+    root = fresh
+    assert not (root / "runs" / "z2" / "train.json").exists()
     keys = tmp_path / "keys"
     env = child_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", AMORLIP_DEBUG_KEYS=str(keys))
-    res = ensure_trained(root, "z2", env=env)
+    res = run_cli(root / "config.yaml", "z2", nproc=2, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
     assert "MLflow unreachable" in res.stderr and "amorlip mlflow replay" in res.stderr
     summary = _summary(root, "z2")
     assert summary["world_size"] == 2 and summary["steps"] == 24 and summary["mlflow_run_id"] is None
     offline = read_jsonl(root / "runs" / "z2" / "mlflow-offline.jsonl")
     assert sum(e["event"] == "metrics" and "loss" in e["metrics"] for e in offline) == 24
+    # collective accounting through the CLI: CLIP at G = 16, d = 32 gathers 2 x 16 x 32 x 4 bytes a step;
+    # ZeRO-2's gradient all-reduce is the 4-byte gradients; every logged step carries the figures to MLflow
+    comm = summary["collectives"]
+    assert (comm["world_size"], comm["steps"]) == (2, 24)
+    assert comm["per_step"]["all_gather"] == {"calls": 2.0, "bytes": 2 * 16 * 32 * 4}
+    assert comm["per_step"]["reduce_scatter"] == {"calls": 2.0, "bytes": 2 * 16 * 32 * 4}
+    assert comm["per_step"]["deepspeed_grad_all_reduce"]["bytes"] % 4 == 0 and "deepspeed_grad_all_reduce" in comm["computed"]
+    assert all(e["metrics"]["comm/all_gather_bytes"] == 4096.0 for e in offline
+               if e["event"] == "metrics" and "loss" in e["metrics"])
     losses = _losses(root, "z2")
     assert sum(losses[-4:]) / 4 < losses[0] - 0.5, losses
     # s starts at 14.3 > max_logit_scale 10: clamped after step 1 and stays clamped, so the ZeRO master
     # copy was clamped too (a module-only clamp would be undone by the next optimizer step)
-    scales = [r["logit_scale"] for r in read_jsonl(root / "runs" / "z2" / "metrics.jsonl")]
+    scales = [r["logit_scale"] for r in read_jsonl(root / "runs" / "z2" / "metrics.jsonl") if "kind" not in r]
     assert scales[0] > 14 and max(scales[1:]) <= 10.0 + 1e-4, scales
 
     finals = [[r for r in _debug_records(keys, rank) if "weights_sha256" in r][-1] for rank in (0, 1)]
@@ -207,10 +249,10 @@ def _reference_keys(root: Path, world_size: int, epochs: int) -> dict[int, list[
     return out
 
 
-def test_kill9_mid_epoch_resumes_without_gap_or_repeat(root, tmp_path):
+def test_kill9_mid_epoch_resumes_without_gap_or_repeat(fresh, tmp_path):
+    root = fresh
     run_dir = root / "runs" / "kill"
-    if (run_dir / "train.json").exists():
-        pytest.skip("already trained by an earlier module")
+    assert not (run_dir / "train.json").exists()
     keys = tmp_path / "keys"
     env = child_env(AMORLIP_DEBUG_KEYS=str(keys))
     slow = dict(env, AMORLIP_DEBUG_STEP_SLEEP="0.3")  # a window to kill in, even on a loaded machine

@@ -113,32 +113,36 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- shared trained runs
 
-# Runs shared by test_train.py and test_export.py (one setup per test session, under pytest's
-# basetemp): 12 steps per epoch, global batch 16.
+# Runs shared by test_train.py, test_export.py and test_diagnostics.py (one setup per test session,
+# under pytest's basetemp): 12 steps per epoch, global batch 16. Tests that must watch a run train
+# (signals, kills, a dead MLflow) use their own runs in a fresh folder instead (trainer_root).
 SHARED_RUNS = {
     "amor": {"method": "amorlip"},                                                  # 1 rank, ZeRO-1
-    "term": {"method": "clip", "zero_stage": 0},                                    # 1 rank, SIGTERM
-    "z2": {"method": "clip", "nproc": 2, "zero_stage": 2, "max_logit_scale": 10.0},  # 2 ranks
-    "kill": {"method": "amorlip", "nproc": 2, "zero_stage": 1},                     # 2 ranks, kill -9
     "z3": {"method": "siglip", "zero_stage": 3, "max_steps": 6, "max_logit_scale": 10.0},  # partitioned
 }
 
 
+def trainer_root(root: Path, runs: dict[str, dict]) -> Path:
+    """Shards, config.yaml and the pipeline's MLflow parent run under ``root``; returns ``root``."""
+    from amorlip.config import load_config
+    from amorlip.tracking import init_pipeline
+
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = tiny_setup(root, runs)
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:  # the pipeline's parent run, as `amorlip mlflow init` would create it
+        init_pipeline(load_config(config_path), root / "results" / "mlflow_parent.json")
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    return root
+
+
 def shared_root(tmp_path_factory) -> Path:
-    """The session's training folder (created once; later calls reuse it)."""
+    """The session's shared training folder (created once; later calls reuse it)."""
     root = tmp_path_factory.getbasetemp() / "trainer-runs"
     if not (root / "config.yaml").exists():
-        from amorlip.config import load_config
-        from amorlip.tracking import init_pipeline
-
-        root.mkdir(parents=True, exist_ok=True)
-        config_path = tiny_setup(root, SHARED_RUNS)
-        env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
-        try:  # the pipeline's parent run, as `amorlip mlflow init` would create it
-            init_pipeline(load_config(config_path), root / "results" / "mlflow_parent.json")
-        finally:
-            if env_uri is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = env_uri
+        trainer_root(root, SHARED_RUNS)
     return root
 
 

@@ -1,8 +1,9 @@
 """img2dataset download into webdataset shards, and the index (sizes.json, manifest.json) over them.
 
 ``download(config, dataset, urls, out_dir)`` turns ``resources/{dataset}/urls.parquet`` into
-``NNNNN.tar`` / ``NNNNN.parquet`` / ``NNNNN_stats.json`` shards with the real img2dataset. Urls
-without a scheme are files relative to the parquet's folder (the emoji demo): a
+``NNNNN.tar`` / ``NNNNN.parquet`` / ``NNNNN_stats.json`` shards with the real img2dataset (a part
+list of a fan-out, :mod:`amorlip.data.parts`, numbers its shards from its first shard id). Urls
+without a scheme are files relative to the list's folder (the emoji demo): a
 :class:`~amorlip.data.loopback.LoopbackFileServer` serves that folder on 127.0.0.1 for the duration of
 the call, so local data takes exactly the path a CC3M url list takes.
 
@@ -42,7 +43,6 @@ import os
 import re
 import shutil
 import signal
-import tarfile
 import tempfile
 import time
 import urllib.parse
@@ -51,8 +51,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from amorlip.data import IMAGE_EXTENSIONS
+from amorlip.data import count_tar_images
+from amorlip.data.accounting import check_success_floor, final_outcomes, is_retry_shard, part_summaries
 from amorlip.data.loopback import LoopbackFileServer
+from amorlip.data.parts import first_shard_of, local_root_of, read_parts
 from amorlip.data.reshard import canonicalize_shards
 from amorlip.fileio import atomic_write_json, atomic_write_text
 
@@ -92,14 +94,46 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _expected_shards(n_rows: int, per_shard: int) -> list[str]:
-    return [f"{i:05d}" for i in range(math.ceil(n_rows / per_shard))]
+@contextlib.contextmanager
+def _shards_from(first: int) -> Iterator[None]:
+    """Number img2dataset's shards from ``first`` (a part of a fan-out; :mod:`amorlip.data.parts`).
+
+    img2dataset's incremental mode always starts its reader at shard 0; the reader itself takes a
+    start id, which names the shard files and enters each sample's key (``compute_key``), so a part's
+    shards are those a single download of the whole list writes for the same rows.
+    """
+    if not first:
+        yield
+        return
+    import importlib
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module: the package's `main` is a function
+    original = i2d_main.Reader
+
+    def reader(*args, **kwargs):
+        args = list(args)
+        if len(args) != 11:  # the call of img2dataset 1.47's download(); another version: refuse, not guess
+            raise RuntimeError(f"img2dataset's Reader was called with {len(args)} positional arguments, not 11: "
+                               "this img2dataset version cannot download a part of a fan-out (parts > 1)")
+        args[10] = first  # Reader(url_list, ..., done_shards, tmp_path, start_shard_id)
+        return original(*args, **kwargs)
+
+    i2d_main.Reader = reader
+    try:
+        yield
+    finally:
+        i2d_main.Reader = original
 
 
-def _read_stats(shards_dir: Path) -> dict[str, dict]:
+def _expected_shards(n_rows: int, per_shard: int, first: int = 0) -> list[str]:
+    """Shard names of a list of ``n_rows`` urls whose first shard is ``first`` (a part of a fan-out)."""
+    return [f"{first + i:05d}" for i in range(math.ceil(n_rows / per_shard))]
+
+
+def read_stats(shards_dir: str | os.PathLike) -> dict[str, dict]:
     """``{"00000": stats, ...}`` for every ``NNNNN_stats.json`` (img2dataset writes it last per shard)."""
     out = {}
-    for path in sorted(shards_dir.glob("*_stats.json")):
+    for path in sorted(Path(shards_dir).glob("*_stats.json")):
         m = _STATS_RE.match(path.name)
         if m:
             with open(path) as fh:
@@ -126,13 +160,17 @@ class DownloadIncomplete(RuntimeError):  # noqa: N818 -- the outcome, not a bug:
         self.urls, self.exit_code = urls, exit_code
 
 
-def _plan(table, per_shard: int) -> dict:
-    """What a complete download of ``table`` holds: url count, shard size, shard count, a digest of the urls."""
+def list_plan(table, per_shard: int, first_shard: int = 0) -> dict:
+    """What a complete download of ``table`` holds: url count, shard size, shard count, a digest of the
+    urls, and (a part of a fan-out, :mod:`amorlip.data.parts`) the id of its first shard."""
     import pandas as pd
 
     digest = hashlib.sha256(pd.util.hash_pandas_object(table[URL_COL], index=False).to_numpy().tobytes())
-    return {"urls": len(table), "samples_per_shard": per_shard,
+    plan = {"urls": len(table), "samples_per_shard": per_shard,
             "shards": len(_expected_shards(len(table), per_shard)), "url_digest": digest.hexdigest()}
+    if first_shard:  # absent for a whole list: plans written before fan-out existed stay equal
+        plan["first_shard"] = first_shard
+    return plan
 
 
 def read_plan(shards_dir: str | os.PathLike) -> dict | None:
@@ -151,9 +189,9 @@ def _check_plan(out_dir: Path, plan: dict, dataset: str) -> None:
             f"resuming would mix the two. Delete {out_dir} and run the download again")
 
 
-def _account(table, out_dir: Path, expected: list[str], per_shard: int) -> dict:
+def _account(table, out_dir: Path, expected: list[str], per_shard: int, first: int = 0) -> dict:
     """Each url of ``table``: success, failure by reason (finished shards), or not attempted (the others)."""
-    stats = {s: st for s, st in _read_stats(out_dir).items() if (out_dir / f"{s}.tar").exists()}
+    stats = {s: st for s, st in read_stats(out_dir).items() if (out_dir / f"{s}.tar").exists()}
     failures: Counter = Counter()
     attempted = successes = 0
     missing: list[str] = []
@@ -164,7 +202,8 @@ def _account(table, out_dir: Path, expected: list[str], per_shard: int) -> dict:
         attempted += int(stats[shard]["count"])
         successes += int(stats[shard]["successes"])
         failures += _failures(out_dir, shard, stats[shard])
-    urls = [u for s in missing for u in table[URL_COL].iloc[int(s) * per_shard:(int(s) + 1) * per_shard]]
+    rows = [int(s) - first for s in missing]
+    urls = [u for r in rows for u in table[URL_COL].iloc[r * per_shard:(r + 1) * per_shard]]
     return {"urls": len(table), "attempted": attempted, "successes": successes,
             "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
             "missing_shards": missing, "not_attempted": urls}
@@ -175,7 +214,7 @@ def _incomplete(dataset: str, out_dir: Path, acc: dict, cause: str, exit_code: i
     urls = [str(u) for u in acc["not_attempted"]]
     listing = out_dir / NOT_ATTEMPTED_FILE
     atomic_write_text(listing, "".join(f"{u}\n" for u in urls))
-    done = len(_read_stats(out_dir))
+    done = len(read_stats(out_dir))
     shown = ", ".join(u[:200] for u in urls[:_SHOW_URLS]) + (" ..." if len(urls) > _SHOW_URLS else "")
     shards = ", ".join(acc["missing_shards"][:10]) + (" ..." if len(acc["missing_shards"]) > 10 else "")
     if urls:
@@ -223,10 +262,11 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
     networks = parse_networks(ds["allowed_networks"], f"datasets.{dataset}.allowed_networks")
 
     per_shard = int(ds["samples_per_shard"])
-    expected = _expected_shards(len(table), per_shard)
-    plan = _plan(table, per_shard)
+    first = first_shard_of(urls)  # a part of a fan-out starts at its own shard id
+    expected = _expected_shards(len(table), per_shard, first)
+    plan = list_plan(table, per_shard, first)
     _check_plan(out_dir, plan, dataset)
-    done = _read_stats(out_dir) if out_dir.is_dir() else {}
+    done = read_stats(out_dir) if out_dir.is_dir() else {}
     if expected and all(s in done and (out_dir / f"{s}.tar").exists() for s in expected):
         if read_plan(out_dir) is None:  # shards from before plans existed
             atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan))
@@ -252,7 +292,7 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
             stack.callback(workers.stop_children, before)  # runs after everything below has closed
             url_list, endpoints = urls, []
             if local.any():
-                root = urls.resolve().parent
+                root = local_root_of(urls)  # the list's folder (a part list: the full list's)
                 server = stack.enter_context(LoopbackFileServer(root, max_bytes=int(ds["max_image_bytes"])))
                 endpoints.append(f"{server.host}:{server.port}")  # our own server: allowed, this port only
                 served = table.copy()
@@ -275,6 +315,7 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
 
             stack.enter_context(bounded_fetch(int(ds["max_image_bytes"])))
             stack.enter_context(workers.patched())
+            stack.enter_context(_shards_from(first))
 
             log.info("download %s: %d urls -> %s (%d per shard, %d process(es) x %d threads)",
                      dataset, len(table), out_dir, per_shard, ds["processes"], ds["threads"])
@@ -311,8 +352,8 @@ def download(config: Mapping[str, Any], dataset: str, urls: str | os.PathLike,
         log.error("download %s: %s", dataset, stopped[0])
         shutil.rmtree(out_dir / "_tmp", ignore_errors=True)  # img2dataset's per-shard url lists
 
-    acc = _account(table, out_dir, expected, per_shard)
-    stats = {s: st for s, st in _read_stats(out_dir).items() if s in expected}
+    acc = _account(table, out_dir, expected, per_shard, first)
+    stats = {s: st for s, st in read_stats(out_dir).items() if s in expected}
     summary = _summary(stats)
     elapsed = time.time() - t0
     summary.update(call_s=elapsed, urls=acc["urls"], not_attempted=len(acc["not_attempted"]),
@@ -381,22 +422,22 @@ def _failures(shards_dir: Path, shard: str, stats: Mapping[str, Any]) -> Counter
     return reasons
 
 
-def count_tar_images(tar_path: str | os.PathLike) -> int:
-    """Image members in a shard (headers only; the data is skipped, not read)."""
-    with tarfile.open(tar_path, "r") as tf:
-        return sum(1 for m in tf if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+def check_against_plan(shards_dir: Path, stats: Mapping[str, dict], dataset: str) -> tuple[dict, list, list]:
+    """Every url of the list must be in a finished shard: the shards are checked against ``download.plan``.
 
-
-def _check_against_plan(shards_dir: Path, stats: Mapping[str, dict], dataset: str) -> dict:
-    """Every url of the list must be in a finished shard: the shards are checked against ``download.plan``."""
+    Returns the plan, the list's own shards and the retry shards (:mod:`amorlip.data.retry`).
+    """
     plan = read_plan(shards_dir)
     if plan is None:
         raise ValueError(f"index {dataset}: {shards_dir} has no {PLAN_FILE}, so nothing says how many urls "
                          "the list had; run `amorlip download` on it again (finished shards are kept; it "
                          "writes the plan and fetches what is missing)")
-    expected = _expected_shards(plan["urls"], plan["samples_per_shard"])
+    expected = _expected_shards(plan["urls"], plan["samples_per_shard"], int(plan.get("first_shard", 0)))
     missing = [s for s in expected if s not in stats]
-    foreign = sorted(set(stats) - set(expected))
+    # shards beyond the list: those `amorlip retry-failed` added are part of the set, others are not
+    extra = sorted(set(stats) - set(expected))
+    retries = [s for s in extra if is_retry_shard(shards_dir, s)]
+    foreign = [s for s in extra if s not in retries]
     if missing or foreign:
         lost = sum(min(plan["samples_per_shard"], plan["urls"] - int(s) * plan["samples_per_shard"]) for s in missing)
         raise ValueError(
@@ -409,7 +450,7 @@ def _check_against_plan(shards_dir: Path, stats: Mapping[str, dict], dataset: st
     if attempted != plan["urls"]:
         raise ValueError(f"index {dataset}: the shards' stats account for {attempted} urls but the list has "
                          f"{plan['urls']}; delete {shards_dir} and download again")
-    return plan
+    return plan, expected, retries
 
 
 def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.PathLike) -> dict:
@@ -425,7 +466,7 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
     ds = config["datasets"][dataset]
     shards_dir = Path(shards_dir)
     data_dir = Path(config["paths"]["data"]) / dataset
-    stats = {s: st for s, st in _read_stats(shards_dir).items() if (shards_dir / f"{s}.tar").exists()}
+    stats = {s: st for s, st in read_stats(shards_dir).items() if (shards_dir / f"{s}.tar").exists()}
     unfinished = sorted(p.name for p in shards_dir.glob("*.tar") if p.stem not in stats)
     if unfinished:
         log.warning("index %s: %d tar(s) without stats (interrupted download) are not indexed: %s",
@@ -433,11 +474,10 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
     if not stats:
         raise ValueError(f"index {dataset}: no finished shards (NNNNN.tar + NNNNN_stats.json) "
                          f"in {shards_dir}")
-    plan = _check_against_plan(shards_dir, stats, dataset)  # every url of the list: in a finished shard
+    # every url of the list: in a finished shard; retry shards re-attempt some of the failed ones
+    plan, originals, retries = check_against_plan(shards_dir, stats, dataset)
 
     sizes: dict[str, int] = {}
-    failures: Counter = Counter()
-    attempted = 0
     for shard, st in sorted(stats.items()):
         name = f"{shard}.tar"
         images = count_tar_images(shards_dir / name)
@@ -448,16 +488,22 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
                 f"{shard}.tar and {shard}_stats.json and run the download again to refetch it."
             )
         sizes[name] = images
-        attempted += int(st["count"])
-        failures += _failures(shards_dir, shard, st)
+    outcomes = final_outcomes(shards_dir, originals, retries, stats)
+    failures = sum(outcomes["failures"].values(), Counter())
+    parts = read_parts(shards_dir) or [{"part": "all", "first_shard": int(originals[0]), "shards": len(originals)}]
+    per_part = part_summaries(parts, outcomes, {s: int(stats[s]["count"]) for s in originals})
+    floor = float(ds.get("min_success_rate", 0.0))
+    check_success_floor(dataset, per_part, floor, shards_dir)
 
     # key order inside every tar, so the loader's order does not depend on download timing
     order = canonicalize_shards(shards_dir, stats, stale=(data_dir / "sizes.json", data_dir / "manifest.json"))
     samples = sum(sizes.values())
     failed = sum(failures.values())
-    if samples + failed != attempted:
-        log.warning("index %s: %d samples + %d failures != %d attempted (stats and parquet disagree)",
-                    dataset, samples, failed, attempted)
+    attempted = plan["urls"]
+    if samples != sum(outcomes["successes"].values()) or samples + failed != attempted:
+        raise ValueError(f"index {dataset}: {samples} images in the tars + {failed} failures != {attempted} urls "
+                         f"of the list ({sum(outcomes['successes'].values())} successes in the shards' parquet "
+                         f"files): the shards' parquet and tars disagree. Delete {shards_dir} and download again")
     manifest = {
         "dataset": dataset,
         "source": ds["source"],
@@ -467,6 +513,10 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
         "attempted": attempted,
         "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failed": failed,
+        "success_rate": samples / attempted if attempted else 0.0,
+        "parts": per_part,
+        "retried": {"shards": len(retries), "superseded": outcomes["superseded"],
+                    "recovered": samples - sum(int(stats[s]["successes"]) for s in originals)},
         "paper_samples": ds.get("paper_samples"),
         "image_size": ds["image_size"],
         "samples_sha256": order["samples_sha256"],

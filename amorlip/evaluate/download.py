@@ -1,18 +1,22 @@
 """Download the DataComp evaluation sets into the folder layout the ``datacomp`` suite reads.
 
-For users with internet; evaluation itself is offline once the files are local. Each webdataset
-task comes from its Hugging Face dataset repo as DataComp's ``download_evalsets.py`` fetches it
-(``djghosh/wds_<task>_test``: ``classnames.txt``, ``zeroshot_classification_templates.txt``,
-``test/nshards.txt``, ``test/{i}.tar``; retrieval sets add ``dataset_type.txt``). That
-covers the classification sets and the WILDS / fairness sets (their ``.npy`` metadata is inside the
-shards). Flickr and MSCOCO, which DataComp reads through HF ``datasets``, come from clip_benchmark's
+For users with internet (or a mirror); evaluation itself is offline once the files are local. Each
+webdataset task comes from its Hugging Face dataset repo as DataComp's ``download_evalsets.py``
+fetches it (``djghosh/wds_<task>_test``: ``classnames.txt``, ``zeroshot_classification_templates.txt``,
+``test/nshards.txt``, ``test/{i}.tar``; retrieval sets add ``dataset_type.txt``). That covers the
+classification sets and the WILDS / fairness sets (their ``.npy`` metadata is inside the shards).
+Flickr and MSCOCO, which DataComp reads through HF ``datasets``, come from clip_benchmark's
 webdataset copies of the same test splits (``clip-benchmark/wds_flickr30k``,
 ``clip-benchmark/wds_mscoco_captions``). WinoGAViL needs HF ``datasets`` and DataComp's own
-evaluation; it is not downloaded and is reported as missing.
+evaluation; it is not downloaded and is reported as missing (37 of the 38 tasks can be covered).
 
-Plain ``urllib``: every file streams to ``<name>.part`` and is renamed when complete, so a file that
-exists is complete; an interrupted ``.part`` resumes with an HTTP Range request where the server
-allows it. Re-running skips what is already there.
+Transfers go through ``huggingface_hub.snapshot_download`` into the task folder (``local_dir``):
+every file is written under a temporary name and renamed when complete, an interrupted file resumes
+(HTTP Range) on the next run, files already there and unchanged on the hub are not fetched again,
+``HF_ENDPOINT`` selects a mirror and ``HF_TOKEN`` (or ``huggingface-cli login``) authenticates. The
+hub's bookkeeping stays in the task folder's ``.cache/`` (what makes resume and skip work); the
+suite and the pipeline ignore it. After the transfer each task is checked: the shards that
+``test/nshards.txt`` announces must all be there.
 """
 
 from __future__ import annotations
@@ -20,120 +24,76 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-
-from tqdm import tqdm
 
 from amorlip.evaluate.suites import Task, datacomp_suite
 
 log = logging.getLogger(__name__)
 
-HF_DATASETS = "https://huggingface.co/datasets"
-
-
-def default_base_url() -> str:
-    """HF's datasets URL, or a mirror's when ``HF_ENDPOINT`` is set (the huggingface_hub convention)."""
-    endpoint = os.environ.get("HF_ENDPOINT")
-    return f"{endpoint.rstrip('/')}/datasets" if endpoint else HF_DATASETS
-_CHUNK = 1 << 20
+HF_ENDPOINT = "https://huggingface.co"
+# what the suite reads of a repo; classification sets deliberately go without dataset_type.txt, as
+# DataComp downloads them (clip_benchmark reads a "multilabel" type differently)
+_CLASSIFICATION_FILES = ["classnames.txt", "zeroshot_classification_templates.txt", "test/*"]
+_RETRIEVAL_FILES = ["dataset_type.txt", "test/*"]
 
 
 class DownloadError(RuntimeError):
     """Some tasks could not be downloaded (the message lists them and why)."""
 
 
-def file_url(base_url: str, repo: str, name: str) -> str:
-    """``<base>/<repo>/resolve/main/<name>``: HF's download URL (LFS files included)."""
-    return f"{base_url.rstrip('/')}/{repo}/resolve/main/{name}"
+def default_endpoint() -> str:
+    """The hub, or a mirror when ``HF_ENDPOINT`` is set (the huggingface_hub convention), read per call."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or HF_ENDPOINT
 
 
-def fetch(url: str, dest: str | Path, timeout: float = 60.0, progress: bool = True) -> bool:
-    """Download ``url`` to ``dest`` unless ``dest`` exists; return True if bytes were fetched.
-
-    Streams to ``dest.part`` and renames at the end; a leftover ``.part`` resumes (HTTP Range) when
-    the server answers 206, and restarts otherwise. A short body (fewer bytes than
-    Content-Length) raises, leaving the ``.part`` for the next attempt.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "amorlip-evalsets"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        resumed = offset and resp.status == 206
-        if not resumed:
-            offset = 0
-        length = resp.headers.get("Content-Length")
-        expected = offset + int(length) if length is not None else None
-        with open(part, "ab" if resumed else "wb") as fh, tqdm(
-            total=expected, initial=offset, unit="B", unit_scale=True, desc=dest.name,
-            disable=not progress, leave=False,
-        ) as bar:
-            while chunk := resp.read(_CHUNK):
-                fh.write(chunk)
-                bar.update(len(chunk))
-    size = part.stat().st_size
-    if expected is not None and size != expected:
-        raise OSError(f"{url}: got {size} of {expected} bytes (rerun to resume)")
-    os.replace(part, dest)
-    return True
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts}
 
 
-def _fetch_optional(url: str, dest: Path, timeout: float) -> bool:
-    try:
-        fetch(url, dest, timeout=timeout, progress=False)
-        return True
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return False
-        raise
-
-
-def download_task(task: Task, base_url: str = HF_DATASETS, timeout: float = 60.0, progress: bool = True) -> int:
-    """Fetch one webdataset task into ``task.path``; return the number of files fetched."""
+def _check_complete(task: Task) -> None:
     folder = Path(task.path)
-    fetched = 0
-    if task.type == "classification":
-        for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
-            fetched += fetch(file_url(base_url, task.source, name), folder / name, timeout, progress=False)
-    else:
-        # clip_benchmark reads a set without dataset_type.txt as classification. Classification sets
-        # deliberately go without it, as DataComp downloads them (a "multilabel" type would change
-        # what the loader returns and the metric DataComp reports).
-        if _fetch_optional(file_url(base_url, task.source, "dataset_type.txt"), folder / "dataset_type.txt", timeout):
-            fetched += 1
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "dataset_type.txt").write_text("retrieval\n")
-    fetched += fetch(file_url(base_url, task.source, "test/nshards.txt"), folder / "test" / "nshards.txt",
-                     timeout, progress=False)
-    nshards = int((folder / "test" / "nshards.txt").read_text().strip())
-    for i in range(nshards):
-        fetched += fetch(file_url(base_url, task.source, f"test/{i}.tar"), folder / "test" / f"{i}.tar",
-                         timeout, progress=progress)
-    return fetched
+    nshards_file = folder / "test" / "nshards.txt"
+    if not nshards_file.exists():
+        raise OSError("no test/nshards.txt: not a DataComp webdataset set")
+    nshards = int(nshards_file.read_text().strip())
+    missing = [f"test/{i}.tar" for i in range(nshards) if not (folder / "test" / f"{i}.tar").exists()]
+    if missing:
+        raise OSError(f"{len(missing)} of {nshards} shard(s) missing after the download "
+                      f"({', '.join(missing[:5])}); the repo lists fewer files than nshards.txt announces")
+
+
+def download_task(task: Task, endpoint: str | None = None, token: str | None = None, progress: bool = True) -> int:
+    """Fetch one webdataset task into ``task.path`` through the hub; return the number of files fetched."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(task.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    before = _files(folder)
+    patterns = _CLASSIFICATION_FILES if task.type == "classification" else _RETRIEVAL_FILES
+    snapshot_download(repo_id=task.source, repo_type="dataset", local_dir=folder, allow_patterns=patterns,
+                      endpoint=endpoint or default_endpoint(), token=token, max_workers=4)
+    if task.type != "classification" and not (folder / "dataset_type.txt").exists():
+        (folder / "dataset_type.txt").write_text("retrieval\n")  # what clip_benchmark needs to read it as one
+    _check_complete(task)
+    after = _files(folder)
+    return sum(1 for name, st in after.items() if before.get(name) != st)
 
 
 def download_suite(suite: str, root: str | os.PathLike, tasks: Iterable[str] | None = None,
-                   base_url: str | None = None, timeout: float = 60.0, progress: bool = True) -> dict[str, str]:
+                   endpoint: str | None = None, token: str | None = None, progress: bool = True) -> dict[str, str]:
     """Download a suite's eval sets under ``root``; return ``{task key: status}``.
 
-    ``tasks`` selects task keys (default: all); ``base_url`` defaults to :func:`default_base_url`.
-    Tasks that cannot be evaluated by this project (WinoGAViL; FairFace/UTKFace, which have no main
-    metric) are skipped with their reason. Every
-    task is attempted; if any failed, :class:`DownloadError` lists them at the end (what did
-    download stays, and a rerun resumes).
+    ``tasks`` selects task keys (default: all); ``endpoint`` defaults to :func:`default_endpoint`,
+    ``token`` to huggingface_hub's own (``HF_TOKEN``, the login). Tasks that cannot be evaluated by
+    this project (WinoGAViL; FairFace/UTKFace, which have no main metric) are skipped with their
+    reason. Every task is attempted; if any failed, :class:`DownloadError` lists them at the end
+    (what did download stays, and a rerun resumes).
     """
     if suite != "datacomp":
         raise ValueError(f"suite '{suite}' has nothing to download (only 'datacomp'; the demo's sets are built locally)")
-    base_url = base_url or default_base_url()
+    endpoint = endpoint or default_endpoint()
     suite_def = datacomp_suite(root)
     selected = list(suite_def.tasks)
     if tasks:
@@ -151,19 +111,21 @@ def download_suite(suite: str, root: str | os.PathLike, tasks: Iterable[str] | N
             log.info("[%d/%d] %s skipped: %s", i, len(selected), task.key, task.unsupported)
             continue
         try:
-            n = download_task(task, base_url=base_url, timeout=timeout, progress=progress)
-        except (OSError, ValueError, urllib.error.URLError) as exc:
-            failed[task.key] = f"{type(exc).__name__}: {exc}"
+            n = download_task(task, endpoint=endpoint, token=token, progress=progress)
+        except Exception as exc:  # noqa: BLE001 -- hub, HTTP and file errors alike: report, try the next task
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            failed[task.key] = f"{task.source}: {type(exc).__name__}: {first_line}"
             status[task.key] = f"failed: {failed[task.key]}"
             log.error("[%d/%d] %s failed: %s", i, len(selected), task.key, failed[task.key])
             continue
         status[task.key] = "downloaded" if n else "complete"
         log.info("[%d/%d] %s: %s (%d file(s) fetched) -> %s", i, len(selected), task.key, status[task.key], n, task.path)
     free = shutil.disk_usage(Path(root)).free if Path(root).exists() else None
-    log.info("%d task(s) ready, %d skipped, %d failed under %s%s", sum(s in ("downloaded", "complete") for s in status.values()),
-             sum(s.startswith("skipped") for s in status.values()), len(failed), root,
+    ready = sum(s in ("downloaded", "complete") for s in status.values())
+    log.info("%d task(s) ready, %d skipped, %d failed under %s (from %s)%s", ready,
+             sum(s.startswith("skipped") for s in status.values()), len(failed), root, endpoint,
              f" ({free / 1e9:.1f} GB free)" if free is not None else "")
     if failed:
         raise DownloadError("could not download: " + "; ".join(f"{k} ({v})" for k, v in failed.items())
-                            + ". Rerun the same command to resume.")
+                            + ". Rerun the same command to resume (a mirror: HF_ENDPOINT; a gated repo: HF_TOKEN).")
     return status

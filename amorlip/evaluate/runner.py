@@ -239,7 +239,7 @@ def summary_line(results: Mapping[str, Any]) -> str:
 def evaluate(config: Mapping[str, Any], run: str, suite: str, out: str | os.PathLike) -> dict[str, Any]:
     """``amorlip evaluate``: load ``runs/{run}/model.pt``, evaluate ``suite``, write ``out``, log to MLflow."""
     from amorlip.devices import enable_tf32, eval_device
-    from amorlip.train.export import load_exported
+    from amorlip.model_file import load_exported
 
     # the job's own GPU, not any GPU the node shows (a CPU job on a GPU node must stay on the CPU)
     device = eval_device(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)

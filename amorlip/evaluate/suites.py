@@ -189,12 +189,21 @@ def load_tasks_json(path: str | Path, name: str | None = None) -> Suite:
     return Suite(name=name or spec.get("suite") or path.parent.name, tasks=tuple(tasks), groups=groups)
 
 
+def emoji_heldout_tasks_json(data_root: str | Path) -> Path:
+    """Where the demo's held-out eval sets describe themselves: ``<data>/evalsets/emoji-heldout/tasks.json``.
+
+    The one definition of that path: the Snakemake rule ``emoji_evalsets`` declares it as its output
+    (the builder writes it last, so it marks a complete build) and :func:`get_suite` reads it.
+    """
+    return Path(data_root) / "evalsets" / "emoji-heldout" / "tasks.json"
+
+
 def get_suite(config: Mapping[str, Any], name: str) -> Suite:
     """Resolve a suite name of ``evaluation.suites`` to its tasks and folders."""
     if name == "datacomp":
         return datacomp_suite(config["evaluation"]["datacomp_root"])
     if name == "emoji-heldout":
-        tasks_json = Path(config["paths"]["data"]) / "evalsets" / "emoji-heldout" / "tasks.json"
+        tasks_json = emoji_heldout_tasks_json(config["paths"]["data"])
         if not tasks_json.exists():
             raise FileNotFoundError(
                 f"{tasks_json} not found: build the demo's eval sets first "

@@ -30,7 +30,7 @@ from clip_benchmark.metrics import zeroshot_classification as zsc
 from clip_benchmark.metrics import zeroshot_retrieval as zsr
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from amorlip.data import IMAGE_EXTENSIONS
+from amorlip.data import count_tar_images
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,7 @@ def _iter_samples(task_dir: str | Path, wanted: tuple[str, ...]):
 
 def count_samples(task_dir: str | Path) -> int:
     """Number of images in a set (read from the tar headers; no decoding)."""
-    n = 0
-    for shard in shard_paths(task_dir):
-        with tarfile.open(shard) as tar:
-            n += sum(1 for m in tar if m.isfile() and m.name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
-    return n
+    return sum(count_tar_images(shard) for shard in shard_paths(task_dir))
 
 
 def read_metadata(task_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,10 @@ Features that need a gradient travel with :func:`gather_with_grad` (``torch.dist
 autograd-aware all-gather, as open_clip's ``gather_features(gather_with_grad=True)``): in the
 backward pass each rank receives the sum, over all ranks' losses, of the gradient of its own
 features: gradients return to their owner (docs/method.md, "Numerics").
+
+Each helper counts what it sends with :func:`amorlip.collectives.record` (kind and payload bytes,
+from shapes only), so the trainer can report a step's communication (docs/architecture.md,
+"Collective accounting").
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+from amorlip import collectives
 
 
 def world_size(group=None) -> int:
@@ -42,7 +48,18 @@ def gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, keeping autograd to every owner."""
     if world_size(group) == 1:
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor.contiguous(), group=group), dim=0)
+    out = torch.cat(dist_fn.all_gather(tensor.contiguous(), group=group), dim=0)
+    collectives.record("all_gather", collectives.tensor_bytes(out))
+    if out.requires_grad:
+        # the backward sums every rank's gradient of this rank's rows: a reduce-scatter of the gathered
+        # gradient (torch emulates it on gloo with one scatter per rank, the same payload); counted when
+        # that gradient arrives, i.e. when the backward really runs
+        out.register_hook(_count_gather_backward)
+    return out
+
+
+def _count_gather_backward(grad: torch.Tensor) -> None:
+    collectives.record("reduce_scatter", collectives.tensor_bytes(grad))
 
 
 @torch.no_grad()
@@ -53,7 +70,9 @@ def gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    out = torch.cat(parts, dim=0)
+    collectives.record("all_gather", collectives.tensor_bytes(out))
+    return out
 
 
 @torch.no_grad()
@@ -68,6 +87,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group=None) -> None:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    collectives.record("all_reduce", collectives.tensor_bytes(flat))
     flat.div_(size)
     offset = 0
     for t in tensors:

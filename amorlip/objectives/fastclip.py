@@ -10,10 +10,15 @@ where S_i^- are the negatives of pair i (all other samples of the data set). A m
 g1_i by the mean over the other ``N - 1`` samples of the global batch (``log_batch_normalisers``), and
 a per-sample moving estimate u_i, kept for the whole data set, tracks it:
 ``u_i <- (1 - gamma) u_i + gamma g_i(B)`` (``update_log_u``), applied before the gradient is formed.
-The compositional gradient replaces 1/(eps + g_i) by 1/(eps + u_i):
+The compositional gradient replaces 1/(eps + g_i) by 1/(eps + u_i), and log(eps + g_i) by log u_i:
 
     d/dw   : 1/|B| sum_i tau / (eps + u_i) * d g_i(B) / dw
-    d/dtau : 1/|B| sum_i [ log(eps + u_i) + tau / (eps + u_i) * d g_i(B) / dtau ] + 2 rho.
+    d/dtau : 1/|B| sum_i [ log u_i + tau / (eps + u_i) * d g_i(B) / dtau ] + 2 rho.
+
+This is the authors' estimator (``FastCLIPLoss.forward`` in <https://github.com/Optimization-AI/fast_clip>,
+``--multiply_tau``): their temperature gradient takes ``log(u)`` without eps (the paper's objective
+would give log(eps + u); the two differ only where u < ~100 eps, i.e. for pairs whose negatives all
+sit more than ~30 / s below the positive). docs/method.md, "FastCLIP", maps every flag.
 
 ``fastclip_loss`` is a surrogate whose autograd gradient is exactly this (halved: the two directions
 are averaged, as ``clip_loss`` averages its two cross-entropies, so rho / s here is the paper's 2 rho tau
@@ -76,13 +81,22 @@ def log_batch_normalisers(img: torch.Tensor, txt: torch.Tensor, logit_scale: tor
 
 @torch.no_grad()
 def update_log_u(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``log((1 - gamma) u + gamma g)`` in log space (u = 0 is log u = -inf; gamma = 1 gives log g)."""
+    """``log((1 - gamma) u + gamma g)`` in log space; a never-visited entry (u = 0: log u = -inf) takes g.
+
+    The first-visit rule is the authors' (``FastCLIPLoss.local`` in Optimization-AI/fast_clip resets a u
+    that is 0, inf or nan to g whenever gamma < 1; libauc's ``GCLoss`` does the same with gamma = 1 for
+    an unvisited batch): without it a sample first seen in an epoch with gamma < 1 starts at gamma * g,
+    an estimate too small by 1 / gamma whose ratio g / u inflates its gradient until it decays.
+    """
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     log_g = log_g.detach().float()
     if gamma == 1.0:
         return log_g.clone()
-    return torch.logaddexp(log_u.float() + math.log1p(-gamma), log_g + math.log(gamma))
+    log_u = log_u.float()
+    mixed = torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma))
+    unvisited = torch.isneginf(log_u) | torch.isnan(log_u)
+    return torch.where(unvisited, log_g, mixed)
 
 
 def log_eps_plus(log_u: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,7 +115,7 @@ def fastclip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
     ``log_u_img``, ``log_u_txt``: ``[B]`` log u of the local rows, already updated with this batch.
     ``log_g``: :func:`log_batch_normalisers` of the same inputs, if already computed (keeps its graph).
     ``learn_temperature``: False detaches s (SogCLR's fixed temperature; ``rho`` is then unused).
-    Value: ``tau_sg * mean_i (r1_i + r2_i) / 2 + tau * mean_i (log(eps+u1_i) + log(eps+u2_i)) / 2 + rho tau``
+    Value: ``tau_sg * mean_i (r1_i + r2_i) / 2 + tau * mean_i (log u1_i + log u2_i) / 2 + rho tau``
     with ``r_i = g_i(B) / sg(eps + u_i)``; under DDP's 1/W averaging the gradient is the global-batch one.
     """
     s = as_fp32_scale(logit_scale, img.device)
@@ -116,8 +130,8 @@ def fastclip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
     tau_sg = 1.0 / s.detach()
     loss = tau_sg * ratio
     if learn_temperature:
-        log_den = 0.5 * (den_img + den_txt).mean()
-        loss = loss + log_den / s + rho / s
+        log_u = 0.5 * (log_u_img.detach().float() + log_u_txt.detach().float()).mean()  # the authors' log(u), no eps
+        loss = loss + log_u / s + rho / s
     return loss
 
 

@@ -1,16 +1,7 @@
 """``amorlip export``: the newest complete checkpoint -> ``runs/{run}/model.pt`` (plain open_clip weights).
 
-Why a separate file format instead of pointing evaluation at the DeepSpeed directory: ZeRO shards
-the optimizer (and under stage 3 the weights) per rank, and DeepSpeed loads its files with
-``weights_only=False``. ``model.pt`` holds only tensors and plain types, loads with
-``torch.load(path, weights_only=True)`` and restores a stock open_clip model::
-
-    {"format": "amorlip-model/1", "model_name", "model_config" (open_clip cfg), "model_kwargs",
-     "state_dict" (fp32), "run" (run config), "lambda_nets" ({"image", "text"} EMA nets | None),
-     "step", "checkpoint_tag", "method", "variant"}
-
-``open_clip.CLIP(**model_config, **model_kwargs)`` (or ``open_clip.create_model(model_name)`` once the
-config is registered) + ``load_state_dict(state_dict)`` gives the trained towers.
+The file's format, its writer and its reader live beside the models (:mod:`amorlip.model_file`); this
+module rebuilds the fp32 weights and the task state from a DeepSpeed checkpoint and hands them over.
 """
 
 from __future__ import annotations
@@ -18,18 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from amorlip.config import RunConfig, get_run
-from amorlip.fileio import atomic_path
+from amorlip.model_file import FORMAT, write_model_file
 
 log = logging.getLogger(__name__)
-
-FORMAT = "amorlip-model/1"
 
 
 def _zero_stage_files(tag_dir: Path) -> bool:
@@ -111,31 +99,24 @@ def export(config: dict, run_name: str, out: str | os.PathLike | None = None) ->
     if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
         raise RuntimeError(f"checkpoint {tag} does not match model {run.model}: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    payload = {
-        "format": FORMAT,
-        "model_name": run.model,
-        "model_config": model_config(run.model),
-        "model_kwargs": kwargs,
-        "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-        "run": json.loads(json.dumps(run.to_dict())),
-        "lambda_nets": _lambda_nets(run, model, extra.get("task")),
-        "step": int(extra.get("position", {}).get("steps_done", -1)),
-        "checkpoint_tag": tag,
-        "method": run.method,
-        "variant": run.variant,
-    }
     out = Path(out) if out is not None else run_dir / "model.pt"
-    with atomic_path(out) as tmp:
-        torch.save(payload, tmp)
-        torch.load(tmp, map_location="cpu", weights_only=True)  # the contract: never ship a file that fails it
+    payload = write_model_file(
+        out, model_name=run.model, model_config=model_config(run.model), model_kwargs=kwargs,
+        state_dict=model.state_dict(), run=json.loads(json.dumps(run.to_dict())),
+        lambda_nets=_lambda_nets(run, model, extra.get("task")),
+        step=int(extra.get("position", {}).get("steps_done", -1)), checkpoint_tag=tag, method=run.method,
+        variant=run.variant)
     log.info("exported %s (step %d, %s) -> %s", run_name, payload["step"], tag, out)
-    log_export(config, run_name, out, payload["step"])
+    log_export(config, run_name, out, payload["step"],
+               {k: payload[k] for k in ("model_name", "model_config", "model_kwargs")})
     return out
 
 
-def log_export(config: dict, run_name: str, path: Path, step: int) -> None:
+def log_export(config: dict, run_name: str, path: Path, step: int, architecture: dict | None = None) -> None:
     """``model.pt`` as an artifact of the run's training run (``model/model.pt``), with its step, and
-    as an MLflow logged model (named after the run) that the training run lists as its output."""
+    as an MLflow logged model (named after the run) that the training run lists as its output, with
+    ``architecture`` (``model_name``, ``model_config``, ``model_kwargs``) as its open_clip config, so
+    it loads back from the store alone; registered under ``mlflow.register_model`` when that is set."""
     from amorlip.tracking import attach_run, train_run_id
 
     offline = Path(config["paths"]["results"]) / "mlflow-offline" / f"train-export-{run_name}.jsonl"
@@ -143,62 +124,11 @@ def log_export(config: dict, run_name: str, path: Path, step: int) -> None:
     if tracker is not None:
         tracker.log_artifact(path, "model")
         tracker.set_tags({"amorlip.model_artifact": "model/model.pt", "amorlip.model_step": step})
-        tracker.log_model(path, run_name, step=step, params={"format": FORMAT, "step": step})
+        arch = architecture or {}
+        open_clip_config = None if not arch else {"model_name": arch.get("model_name"),
+                                                  "model_cfg": arch.get("model_config"),
+                                                  "model_kwargs": arch.get("model_kwargs") or {}}
+        tracker.log_model(path, run_name, step=step,
+                          params={"format": FORMAT, "step": step, **({"model_name": arch["model_name"]} if arch else {})},
+                          open_clip_config=open_clip_config, register_as=config["mlflow"].get("register_model"))
 
-
-class ModelFileError(ValueError):
-    """A ``model.pt`` that ``amorlip export`` did not write (truncated, replaced, another format)."""
-
-
-def _read_model_file(path: str | os.PathLike) -> dict[str, Any]:
-    """``model.pt``'s payload, or :class:`ModelFileError` saying what the file is and how to redo it.
-
-    ``torch.save`` writes a zip archive; anything else would reach torch's legacy pickle reader,
-    whose errors (``KeyError: 101`` for a text file) say nothing useful, so it is refused first.
-    """
-    path = Path(path)
-    redo = "delete it and rerun the export (snakemake reruns it; or `amorlip export --config C --run R`)"
-    if not path.is_file():
-        raise ModelFileError(f"{path} not found; {redo}")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path} is not a model file written by `amorlip export` (not a torch zip "
-                             f"archive: {path.stat().st_size} bytes of something else); {redo}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged archive or a foreign pickle
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ModelFileError(f"{path} is damaged or not an amorlip model file ({type(exc).__name__}: {first}); "
-                             f"never load it with weights_only=False; {redo}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ModelFileError(f"{path}: not an amorlip model file (format {found!r}, expected {FORMAT}); {redo}")
-    return payload
-
-
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``model.pt`` -> ``(model in eval mode, preprocess_val, tokenizer, meta)`` for evaluation.
-
-    ``meta`` is the file's content without the state dict (run config, lambda nets, step, ...).
-    """
-    from amorlip.models import create_model, get_tokenizer, known_model_names
-
-    payload = _read_model_file(path)
-    name = payload["model_name"]
-    kwargs = payload.get("model_kwargs") or {}
-    if name in known_model_names():
-        model, _, preprocess_val = create_model(name, siglip_init_bias=kwargs.get("init_logit_bias"))
-    else:  # a config this installation does not ship: build from the stored architecture
-        import open_clip
-
-        cfg = payload["model_config"]
-        model = open_clip.CLIP(**cfg, output_dict=True, **kwargs)
-        preprocess_val = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    model.to(device).eval()
-    tokenizer = get_tokenizer(name) if name in known_model_names() else None
-    if tokenizer is None:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return model, preprocess_val, tokenizer, meta

@@ -35,10 +35,12 @@ from typing import Any
 
 import torch
 
+from amorlip import collectives
 from amorlip import distributed as dist_utils
 from amorlip.train import checkpoint as ckpt
-from amorlip.train.engine import clamp_logit_scale_after_step, set_logit_scale_lr_by_threshold, set_lr
+from amorlip.train.engine import set_logit_scale_lr_by_threshold, set_lr
 from amorlip.train.progress import MetricsFile, Progress, Throughput, loss_terms, nonfinite_terms
+from amorlip.train.step import encoder_step
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ class Trainer:
         self.final_losses: dict[str, float] = {}
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self._window = MetricWindow()
+        # collectives per step by kind and bytes (docs/architecture.md, "Collective accounting")
+        self.comm = collectives.StepAccounting(world.world_size, self._deepspeed_traffic(engine, run))
         self._device_transform = getattr(loader, "device_transform", None)
         self._skipped_local = 0
         self._debug_keys = os.environ.get(DEBUG_KEYS_ENV)
@@ -130,6 +134,11 @@ class Trainer:
         # for AmorLIP runs; amortization: the last measurement, for train.json
         self.epoch_diagnostics = None
         self.amortization: dict[str, Any] | None = None
+        # the fixed-batch validation metric (amorlip.train.validation.FixedBatchValidation), set by the caller
+        # on every rank when run.validation is on; validation: its last record, for train.json
+        self.validation = None
+        self.last_validation: dict[str, Any] | None = None
+        self.last_validation_step = -1
 
     # ------------------------------------------------------------------ state
 
@@ -252,6 +261,7 @@ class Trainer:
                         raise Preempted(f"stop signal ({self.stop.signum or 'on another rank'}) at step {self.pos.steps_done}: "
                                         f"checkpoint {ckpt.tag_for(self.pos.steps_done)} saved")
                 if self.pos.step_in_epoch >= spe:  # the epoch is done: measure, move on, checkpoint
+                    self._validate(epoch, epoch_end=True)
                     self._epoch_diagnostics(epoch)
                     self.pos.epoch, self.pos.step_in_epoch = epoch + 1, 0
                     self.save()
@@ -260,6 +270,28 @@ class Trainer:
             progress.close()
         self._sync_skipped()
         return self.pos
+
+    def _validate(self, epoch: int, epoch_end: bool) -> None:
+        """The fixed-batch validation metric (amorlip/train/validation.py) when it is due: every
+        ``validation.every_steps`` steps, at the end of every ``validation.every_epochs``-th epoch, and at
+        the last step. Every rank calls this at the same steps (the metric gathers features over the
+        ranks); rank 0 records it in metrics.jsonl (``kind: validation``) and as ``val/infonce``."""
+        cfg, steps = self.run.validation, self.pos.steps_done
+        if self.validation is None or not cfg.enabled or self.last_validation_step == steps:
+            return
+        due = (steps >= self.total_steps or (cfg.every_steps and steps % cfg.every_steps == 0)
+               or (epoch_end and cfg.every_epochs and (epoch + 1) % cfg.every_epochs == 0))
+        if not due:
+            return
+        self.last_validation_step = steps
+        t0 = time.monotonic()
+        figures = self.validation(self.engine.module)
+        if self.master:
+            self.last_validation = {"step": steps, "epoch": epoch, **figures, "temperature": cfg.temperature}
+            self.metrics.append({"step": steps, "epoch": epoch, "kind": "validation", **figures, "time": time.time()})
+            self.tracker.log_metrics({"val/infonce": figures["val_infonce"]}, step=steps)
+            log.debug("validation at step %d: val_infonce %.4f (batch %d, %.2f s)", steps, figures["val_infonce"],
+                      figures["val_batch"], time.monotonic() - t0)
 
     def _epoch_diagnostics(self, epoch: int) -> None:
         """At the end of every ``diagnostics_every_epochs``-th epoch (and the last), rank 0 measures the
@@ -299,6 +331,14 @@ class Trainer:
         if self.world_size > 1:
             dist_utils.barrier()
 
+    def _deepspeed_traffic(self, engine, run) -> dict[str, tuple[int, int]]:
+        """DeepSpeed's per-step gradient and parameter collectives, computed from the parameter groups and
+        the ZeRO stage (``collectives.deepspeed_step_traffic``); empty on one rank."""
+        if self.world_size <= 1:
+            return {}
+        return collectives.deepspeed_step_traffic(collectives.engine_group_sizes(engine, run), run.zero_stage,
+                                                  self.world_size, run.zero_bucket_size)
+
     def _step_flags(self, out: dict) -> torch.Tensor:
         """``[stop signal, non-finite loss, lambda divergence, s]`` as one device vector, reduced by MAX.
 
@@ -323,35 +363,37 @@ class Trainer:
         signal_flag = torch.full((), 1.0 if self.stop.signum is not None else 0.0, device=device)
         flags = torch.stack([signal_flag.to(device), nonfinite.to(device), diverged.to(device), scale.to(device)])
         if self.world_size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.world.step_group)
+            dist_utils.all_reduce_(flags, op=torch.distributed.ReduceOp.MAX, group=self.world.step_group)
         return flags
 
     def _step(self, batch: dict) -> dict:
         run, pos = self.run, self.pos
+        collectives.take()  # what ran between steps (checkpoints, diagnostics, validation) is no step's
         device = self.engine.device
         images = batch["images"].to(device, non_blocking=True)
         if self._device_transform is not None:
             images = self._device_transform(images)
         texts = batch["texts"].to(device, non_blocking=True)
         lr = set_lr(self.engine.optimizer, run, pos.steps_done, self.total_steps)
-        extra = {"indices": batch["indices"]} if getattr(self.task, "needs_indices", False) else {}
-        out = self.task.training_forward(images, texts, pos.step_in_epoch, **extra)
-        out["lr"] = lr
-        # the step's one host read: every rank decides the same from the reduced flags
-        signal_any, bad_any, diverged_any, scale = self._step_flags(out).tolist()
-        if bad_any:
-            self._raise_nonfinite(out)
-        if diverged_any:
-            self._raise_diverged(out)
-        # only the reduced flag decides: a signal landing after the all-reduce waits for the next step,
-        # so every rank stops at the same step (save_checkpoint is collective)
-        self._stop_now = bool(signal_any)
-        logit_lr = set_logit_scale_lr_by_threshold(self.engine.optimizer, run, scale)
-        if logit_lr is not None:
-            out["lr_logit_scale"] = logit_lr
-        self.engine.backward(out["loss"])
-        self.engine.step()
-        clamp_logit_scale_after_step(self.engine, run.max_logit_scale)
+
+        def check_flags(out: dict) -> None:
+            """Between the task's forward and the update (amorlip.train.step.encoder_step)."""
+            out["lr"] = lr
+            # the step's one host read: every rank decides the same from the reduced flags
+            signal_any, bad_any, diverged_any, scale = self._step_flags(out).tolist()
+            if bad_any:
+                self._raise_nonfinite(out)
+            if diverged_any:
+                self._raise_diverged(out)
+            # only the reduced flag decides: a signal landing after the all-reduce waits for the next
+            # step, so every rank stops at the same step (save_checkpoint is collective)
+            self._stop_now = bool(signal_any)
+            logit_lr = set_logit_scale_lr_by_threshold(self.engine.optimizer, run, scale)
+            if logit_lr is not None:
+                out["lr_logit_scale"] = logit_lr
+
+        out = encoder_step(self.task, self.engine, images, texts, pos.step_in_epoch,
+                           indices=batch.get("indices"), before_update=check_flags)
         self._debug_record(batch)
         if self._debug_sleep:
             time.sleep(self._debug_sleep)
@@ -397,6 +439,8 @@ class Trainer:
         logged = None
         if pos.steps_done % self.run.log_every == 0 or last:
             means, skipped = self._window.reduce(self.world, self._skipped_local)
+            self.comm.add_step(collectives.take())  # this step's collectives, the metric all-reduce included
+            means.update(self.comm.window_means())
             self._skipped_local = 0
             pos.skipped_samples += skipped
             self.final_losses = {k: v for k, v in means.items() if k == "loss" or k.endswith("_loss")}
@@ -409,6 +453,9 @@ class Trainer:
                 self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=pos.steps_done)
             self.last_logged = means
             logged = means
+        else:
+            self.comm.add_step(collectives.take())
+        self._validate(pos.epoch, epoch_end=False)
         if pos.steps_done % self.run.checkpoint_every == 0 and not last:
             self.save()
         return logged
@@ -507,7 +554,7 @@ class MetricWindow:
         vector = torch.cat([torch.stack([self.device_sums[k] for k in keys]) if keys else counts[:0], counts,
                             torch.full((1,), float(skipped_local), device=device)])
         if world.world_size > 1:
-            torch.distributed.all_reduce(vector, group=world.step_group)
+            dist_utils.all_reduce_(vector, group=world.step_group)
         values = vector.tolist()
         n = len(keys)
         means = {k: v / c for k, v, c in zip(keys, values[:n], values[n:2 * n])}

@@ -1,4 +1,5 @@
-"""What a training run leaves for people: the progress bar, metrics.jsonl, the loss-curve PNG.
+"""What a training run leaves for people: the progress bar and metrics.jsonl (its figure is drawn by
+:func:`amorlip.loss_curves.plot_run_curves`).
 
 ``metrics.jsonl`` is the local record of every logged step (one JSON object per line), written
 whether or not MLflow is reachable. After a resume it is cut back to the checkpoint's step, so the
@@ -82,40 +83,6 @@ def loss_terms(out: Mapping[str, Any]) -> dict[str, float]:
 def nonfinite_terms(out: Mapping[str, Any]) -> dict[str, float]:
     """Loss terms that are NaN or infinite (empty when the step is healthy)."""
     return {k: v for k, v in loss_terms(out).items() if not math.isfinite(v)}
-
-
-def plot_loss_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path | None:
-    """Loss terms, logit scale and lambda gap against step; None when there is nothing to plot."""
-    records = [r for r in records if r.get("kind") is None]  # step records (not the per-epoch amortization)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records]
-    loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
-    extra = [k for k in ("logit_scale", "lambda_gap", "lr") if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(5 * (1 + len(extra)), 3.6), squeeze=False)
-    ax = axes[0][0]
-    for key in loss_keys:
-        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key)
-    ax.set_xlabel("step")
-    ax.set_title("losses")
-    ax.legend(fontsize=8)
-    for axis, key in zip(axes[0][1:], extra):
-        axis.plot(steps, [r.get(key, float("nan")) for r in records])
-        axis.set_xlabel("step")
-        axis.set_title(key)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 class Progress:

@@ -110,7 +110,7 @@ def _build(config: dict, run: RunConfig, world):
 
 def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path,
                    determinism: dict | None = None) -> dict:
-    from amorlip.train.progress import plot_loss_curves
+    from amorlip.loss_curves import plot_run_curves
 
     pos = trainer.pos
     wall, train_time = trainer.attempt_times()
@@ -132,10 +132,14 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
         "determinism": determinism or {"deterministic": False},
         # the last epoch's amortization diagnostics (AmorLIP, diagnostics_every_epochs > 0), else None
         "amortization": trainer.amortization,
+        # collectives per step by kind with payload bytes (counted) plus DeepSpeed's (computed); this attempt
+        "collectives": trainer.comm.summary(),
+        # the last fixed-batch validation ({"step", "epoch", "val_infonce", "val_batch", "temperature"}), else None
+        "validation": trainer.last_validation,
         "complete": True,
     }
-    curve = plot_loss_curves(trainer.metrics.read(), out_dir / "loss_curves.png",
-                             title=f"{run.name} ({run.method}{'' if run.variant == 'none' else ', ' + run.variant})")
+    curve = plot_run_curves(trainer.metrics.read(), out_dir / "loss_curves.png",
+                             title=_curve_title(run))
     tracker.log_dict(json.loads(json.dumps(run.to_dict())), "run_config.yaml")
     tracker.log_dict(json.loads(json.dumps(config, default=str)), "pipeline_config.yaml")
     tracker.log_dict(summary, "train.json")
@@ -150,13 +154,14 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
 
 def train(config: dict, run_name: str) -> int:
     """Train ``run_name`` of ``config`` on this rank; returns the process exit code."""
-    from amorlip.tracking import child_run, manifest_dataset
+    from amorlip.tracking import child_run, manifest_dataset, training_run_name
     from amorlip.train.loop import CheckpointWriteFailed, Preempted, StopSignal, Trainer, TrainingDiverged
 
     run = get_run(config, run_name)
     out_dir = run_dir(config, run_name)
     if is_finished(out_dir / "train.json"):
         log.info("run %s already finished (%s); nothing to do", run_name, out_dir / "train.json")
+        _replot_if_missing(run, out_dir)
         return EXIT_OK
     try:
         world = dist_utils.make_world(run.batch_size, run.world_size, what=f"run {run_name!r}")
@@ -182,11 +187,18 @@ def train(config: dict, run_name: str) -> int:
 
             trainer.epoch_diagnostics = EpochDiagnostics(
                 Path(config["paths"]["data"]) / run.dataset / "shards", run, world.device)
+        if run.validation.enabled:  # every rank: each embeds its slice of the fixed batch
+            from amorlip.train.validation import FixedBatchValidation
+
+            trainer.validation = FixedBatchValidation(
+                Path(config["paths"]["data"]) / run.dataset / "shards", run.model, run.validation, world.device,
+                rank=world.rank, world_size=world.world_size, group=world.group).prepare()
         state = trainer.resume()
         tags = {"run": run.name, "method": run.method, "variant": run.variant, "dataset": run.dataset,
                 "model": run.model}
         with child_run(config, run.name, "train", tags=tags, offline_path=out_dir / "mlflow-offline.jsonl",
-                       enabled=master, resume_run_id=(state or {}).get("mlflow_run_id")) as tracker:
+                       enabled=master, resume_run_id=(state or {}).get("mlflow_run_id"),
+                       display_name=training_run_name(run), system_metrics=True) as tracker:
             trainer.tracker = tracker
             if not state:
                 tracker.set_tags(flat_provenance(run_provenance(config, run)))
@@ -225,6 +237,21 @@ def train(config: dict, run_name: str) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         dist_utils.shutdown()
+
+
+def _curve_title(run: RunConfig) -> str:
+    return f"{run.name} ({run.method}{'' if run.variant == 'none' else ', ' + run.variant})"
+
+
+def _replot_if_missing(run: RunConfig, out_dir: Path) -> None:
+    """A finished run whose loss_curves.png is gone (a rule output: Snakemake reruns the job for it)
+    gets it drawn again from metrics.jsonl, rather than a retraining."""
+    from amorlip.loss_curves import plot_run_curves
+    from amorlip.train.progress import MetricsFile
+
+    if not (out_dir / "loss_curves.png").exists():
+        plot_run_curves(MetricsFile(out_dir / "metrics.jsonl").read(), out_dir / "loss_curves.png",
+                        title=_curve_title(run))
 
 
 def _lambda_adam_lr(task) -> float | None:

@@ -21,7 +21,10 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 from amorlip.train import checkpoint as ckpt
+from amorlip.train.export import client_state
 
 from .conftest import (
     keys_per_epoch,
@@ -128,3 +131,44 @@ def test_kill9_5_points_resume_exact(tmp_path, reference_run):
     print(f"kill -9 x {len(plan)}: {len(restarts)} restarts (resumed tag, first step, last step): {restarts}; "
           f"{redone} steps trained twice; final step {summary['steps']} = reference {ref['summary']['steps']}; "
           f"final weights bit-identical to the uninterrupted run's; {time.monotonic() - t0:.0f} s")
+
+
+def _final_weights_and_u(root: Path, keys: Path) -> tuple[str, dict]:
+    """The final weights' digest (AMORLIP_DEBUG_KEYS record) and the task state of the last checkpoint."""
+    sha = [r["weights_sha256"] for r in read_jsonl(f"{keys}.rank0.jsonl") if "weights_sha256" in r][-1]
+    ckpt_dir = run_dir(root) / "checkpoints"
+    tag = ckpt.latest_complete_tag(ckpt_dir)
+    assert ckpt.step_of(tag) == TOTAL_STEPS, tag
+    return sha, client_state(ckpt_dir, tag)["task"]
+
+
+def test_kill9_fastclip_mid_epoch_resumes_to_the_same_weights_and_u(tmp_path):
+    """FastCLIP-v3 killed mid epoch 0 (u half filled, gamma 1) and mid epoch 1 (gamma < 1: u averaged)
+    finishes with the uninterrupted run's weights and, bit for bit, its image and text u."""
+    fastclip = {"method": "fastclip", "fastclip": {"gamma_min": 0.5, "gamma_decay_epochs": 1}}
+    ref_root, root = tmp_path / "reference", tmp_path / "killed"
+    ref_keys, keys = tmp_path / "ref-keys", tmp_path / "keys"
+    ref_job = train_job(write_tiny_config(ref_root, run_overrides=fastclip), "tiny-run",
+                        tmp_path / "reference.log", AMORLIP_DEBUG_KEYS=str(ref_keys))
+    config = write_tiny_config(root, run_overrides=fastclip)
+    plan = [7, 17]  # steps per epoch: 12; checkpoints every 5 steps, so each restart replays two steps
+    for attempt, point in enumerate(plan + ["finish"], start=1):
+        job = train_job(config, "tiny-run", tmp_path / f"attempt-{attempt}.log", AMORLIP_DEBUG_KEYS=str(keys))
+        if point == "finish":
+            assert job.wait(300) == 0, job.text()[-4000:]
+            break
+        wait_for(lambda point=point, job=job: any(r["step"] >= point for r in _records(keys, job.pid)),
+                 240, interval=0.02, what=f"step {point}", proc=job.proc)
+        job.kill9()
+        if attempt > 1:
+            assert _resumed_from(job.text()) is not None, job.text()[-3000:]
+    assert ref_job.wait(300) == 0, ref_job.text()[-4000:]
+
+    sha, state = _final_weights_and_u(root, keys)
+    ref_sha, ref_state = _final_weights_and_u(ref_root, ref_keys)
+    assert sha == ref_sha, "final weights differ from the uninterrupted FastCLIP run's"
+    for name in ("log_u_img", "log_u_txt"):
+        assert state[name].shape == ref_state[name].shape
+        assert torch.isfinite(state[name]).all(), f"{name}: a sample was never visited"
+        assert torch.equal(state[name], ref_state[name]), f"{name} differs from the uninterrupted run's"
+    assert state["gamma"] == ref_state["gamma"] == 0.5

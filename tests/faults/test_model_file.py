@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from amorlip.cli import main as cli_main
-from amorlip.train.export import FORMAT, ModelFileError, load_exported
+from amorlip.model_file import FORMAT, ModelFileError, load_exported
 
 
 def _real_model_file(path) -> None:

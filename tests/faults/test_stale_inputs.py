@@ -50,8 +50,8 @@ def _job_counts(out: str) -> dict[str, int]:
 
 def _stand_in_for_training(root: Path) -> None:
     """The outputs of download, index, train and export (a real tiny model.pt)."""
+    from amorlip.model_file import FORMAT
     from amorlip.models import create_model, model_config
-    from amorlip.train.export import FORMAT
 
     (root / "data" / "web" / "shards").mkdir(parents=True)
     for name in ("sizes.json", "manifest.json"):

@@ -13,8 +13,9 @@ sys.path.insert(0, workflow.basedir)
 # `.venv/bin/snakemake ...` works without activating the venv (also inside SLURM jobs).
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 from amorlip.config import ConfigError, expand_runs, load_config, read_config_file, tracking_uri  # noqa: E402
-from amorlip.evaluate.suites import datacomp_suite  # noqa: E402
-from amorlip.fileio import file_sha256  # noqa: E402
+from amorlip.evaluate.suites import datacomp_suite, emoji_heldout_tasks_json  # noqa: E402
+from amorlip.fileio import atomic_write_text, file_sha256  # noqa: E402
+from amorlip.slurm import CPUS_PER_RANK_BEYOND_WORKERS, srun_command  # noqa: E402
 
 try:
     # Snakemake parsed these files already, but leniently: it keeps the last of two equal keys and
@@ -44,11 +45,7 @@ def _write_resolved_config():
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = os.path.join(RESULTS, ".configs", f"{digest}.yaml")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)  # two Snakemake processes may write it at once: same text, whole
     return path
 
 
@@ -106,7 +103,8 @@ def datacomp_sets():
     found = []
     for task in datacomp_suite(config["evaluation"]["datacomp_root"]).tasks:
         for folder, dirs, files in os.walk(task.path):
-            dirs.sort()
+            # .cache/: huggingface_hub's download bookkeeping (amorlip/evaluate/download.py), not the set
+            dirs[:] = sorted(d for d in dirs if d != ".cache")
             for name in sorted(files):
                 st = os.stat(os.path.join(folder, name))
                 found.append((os.path.relpath(os.path.join(folder, name), task.path), task.key,
@@ -120,6 +118,46 @@ def evaluation_settings(wc):
     batch size and workers change speed only."""
     sets = datacomp_sets() if wc.suite == "datacomp" else None
     return settings_digest(wc.suite, config["evaluation"]["datacomp_root"], sets)
+
+
+# The train rule's task geometry under SLURM (workflow/rules/train.smk and docs/slurm.md say how the
+# ranks start).
+
+
+def _train_ranks(run):
+    r = RUNS[run]
+    return r.nproc * r.nodes
+
+
+def _under_slurm():
+    """True in every Snakemake process of a SLURM run: the submitting one (executor `slurm`), the
+    one in the batch script (`slurm-jobstep`) and the one that finally runs the shell (mode `remote`
+    inside a SLURM job). They must agree, since each re-evaluates the `mpi` resource."""
+    plugin = workflow.executor_plugin
+    name = getattr(plugin, "name", "") or ""
+    if name in ("slurm", "slurm-jobstep"):
+        return True
+    return workflow.remote_exec and "SLURM_JOB_ID" in os.environ
+
+
+def _train_mpi(wc):
+    # None drops the resource: one rank (the plugin refuses MPI jobs with one task) or no SLURM.
+    return "srun" if _under_slurm() and _train_ranks(wc.run) > 1 else None
+
+
+def _train_launcher(wc, resources):
+    """The `srun` prefix of an MPI-style train job, else nothing (amorlip launch uses torchrun).
+
+    amorlip.slurm.srun_command holds the flags and why: the geometry explicitly (the SLURM plugin
+    strips SLURM_NTASKS & co. from the job's environment), --gpu-bind=none (every rank sees all of
+    its node's GPUs; distributed.py maps local_rank % device_count), --kill-on-bad-exit=1 and
+    OMP_NUM_THREADS=1 per rank, as torchrun sets it.
+    """
+    if "mpi" not in resources.keys():
+        return ""
+    r = RUNS[wc.run]
+    cpus = resources.get("cpus_per_task") or None
+    return " ".join(srun_command(r.nodes, r.nproc, cpus, omp_threads=1, srun=resources.mpi))
 
 
 wildcard_constraints:

@@ -3,8 +3,10 @@
 
 def suite_inputs(wc):
     if wc.suite == "emoji-heldout":
-        return [f"{DATA}/evalsets/emoji-heldout/tasks.json"]
-    return []  # datacomp: sets are read from evaluation.datacomp_root; missing tasks are reported as missing
+        return [rules.emoji_evalsets.output.tasks]
+    if config["evaluation"]["download"]:  # the DataComp download is a job of the DAG (rule datacomp_evalsets)
+        return [DATACOMP_DONE]
+    return []  # datacomp offline: sets are read from evaluation.datacomp_root; missing tasks are reported as missing
 
 
 rule evaluate_run:

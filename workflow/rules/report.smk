@@ -7,12 +7,14 @@ rule report:
         train=expand(f"{RUNS_DIR}/{{run}}/train.json", run=list(RUNS)),
         parent=rules.mlflow_init.output.parent,
     output:
-        csv=report(f"{RESULTS}/summary.csv", category="Summary"),
-        md=report(f"{RESULTS}/summary.md", category="Summary"),
+        csv=report(f"{RESULTS}/summary.csv", caption="../report/summary_csv.rst", category="Summary"),
+        md=report(f"{RESULTS}/summary.md", caption="../report/summary_md.rst", category="Summary"),
         plots=report(
             directory(f"{RESULTS}/plots"),
             patterns=["{name}.png"],
-            category="Plots",
+            caption="../report/plots.rst",
+            category="Comparison",
+            labels={"figure": "{name}"},
         ),
     params:
         settings=settings_digest(config),

@@ -8,44 +8,8 @@
 #   with `srun` across `nodes` nodes; `distributed.py` maps SLURM_PROCID/LOCALID/NTASKS. Only then do
 #   SLURM's signals (`--signal=USR1@T` before the time limit, scancel --signal) reach the trainer
 #   itself rather than the Snakemake process that wraps an ordinary job.
-
-from amorlip.slurm import CPUS_PER_RANK_BEYOND_WORKERS, srun_command  # noqa: E402
-
-
-def _train_ranks(run):
-    r = RUNS[run]
-    return r.nproc * r.nodes
-
-
-def _under_slurm():
-    """True in every Snakemake process of a SLURM run: the submitting one (executor `slurm`), the
-    one in the batch script (`slurm-jobstep`) and the one that finally runs the shell (mode `remote`
-    inside a SLURM job). They must agree, since each re-evaluates the `mpi` resource."""
-    plugin = workflow.executor_plugin
-    name = getattr(plugin, "name", "") or ""
-    if name in ("slurm", "slurm-jobstep"):
-        return True
-    return workflow.remote_exec and "SLURM_JOB_ID" in os.environ
-
-
-def _train_mpi(wc):
-    # None drops the resource: one rank (the plugin refuses MPI jobs with one task) or no SLURM.
-    return "srun" if _under_slurm() and _train_ranks(wc.run) > 1 else None
-
-
-def _train_launcher(wc, resources):
-    """The `srun` prefix of an MPI-style train job, else nothing (amorlip launch uses torchrun).
-
-    amorlip.slurm.srun_command holds the flags and why: the geometry explicitly (the SLURM plugin
-    strips SLURM_NTASKS & co. from the job's environment), --gpu-bind=none (every rank sees all of
-    its node's GPUs; distributed.py maps local_rank % device_count), --kill-on-bad-exit=1 and
-    OMP_NUM_THREADS=1 per rank, as torchrun sets it.
-    """
-    if "mpi" not in resources.keys():
-        return ""
-    r = RUNS[wc.run]
-    cpus = resources.get("cpus_per_task") or None
-    return " ".join(srun_command(r.nodes, r.nproc, cpus, omp_threads=1, srun=resources.mpi))
+# The rule's input functions for that (_train_ranks, _under_slurm, _train_mpi, _train_launcher) live in
+# common.smk with the others.
 
 
 rule mlflow_init:
@@ -67,6 +31,14 @@ rule train_run:
         parent=rules.mlflow_init.output.parent,
     output:
         summary=f"{RUNS_DIR}/{{run}}/train.json",
+        # the trainer's own loss-curve figure (amorlip.train.progress), shown in `snakemake --report`
+        curves=report(
+            f"{RUNS_DIR}/{{run}}/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Training",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "loss curves"},
+        ),
     params:
         settings=run_settings,
         nproc=lambda wc: RUNS[wc.run].nproc,
@@ -87,6 +59,9 @@ rule train_run:
         tasks_per_gpu=0,  # else the plugin turns `tasks` into --ntasks-per-gpu
         gres=lambda wc: f"gpu:{RUNS[wc.run].nproc}",  # per node; profile may override (CPU cluster: "''")
         cpus_per_task=lambda wc: RUNS[wc.run].workers + CPUS_PER_RANK_BEYOND_WORKERS,
+    # printed when the job starts: training is the long job, and its progress bar goes to the log
+    message:
+        "training run {wildcards.run}; follow its progress with: tail -f {log}"
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
