@@ -516,19 +516,12 @@ def _encoder_params(model) -> list[torch.Tensor]:
 def probe_tensors(samples: list[tuple[str, bytes, str]], preprocess: Callable,
                   tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixels [N, 3, H, W], tokens [N, L])`` of the probe; undecodable images dropped with their caption."""
-    from PIL import Image
+    from amorlip.data.pixels import decode_pairs
 
-    pixels, captions = [], []
-    for _, data, caption in samples:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                pixels.append(preprocess(im.convert("RGB")))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-            continue
-        captions.append(caption)
-    if not pixels:
+    decoded = decode_pairs(samples, preprocess, tokenizer)
+    if decoded is None:
         raise DiagnoseError("no probe image decodes")
-    return torch.stack(pixels), tokenizer(captions)
+    return decoded
 
 
 def probe_encoder(model, pixels: torch.Tensor, tokens: torch.Tensor, device: str | torch.device

@@ -44,3 +44,25 @@ def split_for_device(preprocess: Callable) -> tuple[Callable, DeviceNormalize]:
     normalize = steps[-1]
     host = T.Compose([*steps[:-2], T.PILToTensor()])
     return host, DeviceNormalize(normalize.mean, normalize.std)
+
+
+def decode_pairs(samples: Sequence[tuple[str, bytes, str]], preprocess: Callable, tokenizer: Callable
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(pixels [N, 3, H, W], tokens [N, L])`` of ``(key, image bytes, caption)`` samples read
+    straight from shards (the amortization probe, the validation batch). An image that does not
+    decode is left out with its caption; None when none decodes, so each caller names its own set."""
+    import io
+
+    from PIL import Image
+
+    pixels, captions = [], []
+    for _, data, caption in samples:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                pixels.append(preprocess(im.convert("RGB")))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            continue
+        captions.append(caption)
+    if not pixels:
+        return None
+    return torch.stack(pixels), tokenizer(captions)

@@ -33,7 +33,6 @@ weights collectively.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -83,19 +82,12 @@ def validation_samples(shard_dir: str | os.PathLike, batch_size: int, seed: int
 
 def _decode(samples: list[tuple[str, bytes, str]], preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixels [N, 3, H, W], tokens [N, L])``; an image that does not decode is left out with its caption."""
-    from PIL import Image
+    from amorlip.data.pixels import decode_pairs
 
-    pixels, captions = [], []
-    for _, data, caption in samples:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                pixels.append(preprocess(im.convert("RGB")))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-            continue
-        captions.append(caption)
-    if not pixels:
+    decoded = decode_pairs(samples, preprocess, tokenizer)
+    if decoded is None:
         raise ValidationError("no validation image decodes")
-    return torch.stack(pixels), tokenizer(captions)
+    return decoded
 
 
 class FixedBatchValidation:
