@@ -342,6 +342,18 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ZeroShotDuringTrainingConfig:
+    """Zero-shot evaluation during training (amorlip/train/zeroshot_hook.py); the defaults mirror the schema's."""
+
+    every_epochs: int = 0
+    suite: str = "emoji-heldout"
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_epochs > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training configuration, with every default and variant choice resolved."""
 
@@ -383,6 +395,8 @@ class RunConfig:
     diagnostics_probe: int = 1024
     fastclip: FastclipConfig = dataclasses.field(default_factory=FastclipConfig)  # defaulted, as above
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)  # defaulted, as above
+    zeroshot_during_training: ZeroShotDuringTrainingConfig = dataclasses.field(
+        default_factory=ZeroShotDuringTrainingConfig)  # defaulted, as above
 
     @property
     def world_size(self) -> int:
@@ -404,6 +418,8 @@ class RunConfig:
             d["fastclip"] = FastclipConfig(**d["fastclip"])
         if "validation" in d:
             d["validation"] = ValidationConfig(**d["validation"])
+        if "zeroshot_during_training" in d:
+            d["zeroshot_during_training"] = ZeroShotDuringTrainingConfig(**d["zeroshot_during_training"])
         return cls(amorlip=AmorlipConfig(**am), **d)
 
 
@@ -529,6 +545,21 @@ def _check_semantics(config: dict, runs: Mapping[str, RunConfig], check_paths: b
             "config error at 'evaluation.suites': 'emoji-heldout' is the demo's held-out-style suite and "
             "needs a dataset with source 'emoji'; use suites: [datacomp] for url-list datasets"
         )
+    for name, run in runs.items():
+        zs, where = run.zeroshot_during_training, f"runs.{name}.zeroshot_during_training"
+        if not zs.enabled:
+            continue
+        if zs.suite not in config["evaluation"]["suites"]:
+            raise ConfigError(
+                f"config error at '{where}.suite': '{zs.suite}' is not one of evaluation.suites "
+                f"({', '.join(config['evaluation']['suites'])})"
+            )
+        if run.zero_stage == 3:
+            raise ConfigError(
+                f"config error at '{where}.every_epochs': zero-shot evaluation during training needs the full "
+                "encoders on rank 0, which ZeRO-3 partitions over the ranks; use zero_stage 0-2, or evaluate "
+                "the exported model afterwards (amorlip evaluate)"
+            )
     for dname, ds in config["datasets"].items():
         where = f"datasets.{dname}"
         if ds["source"] == "url_list":

@@ -1,8 +1,9 @@
 """DataComp eval-set downloads through huggingface_hub, against a loopback hub (tests/hub_server.py).
 
 The hub serves repos in DataComp's layout (classification: classnames, templates, test shards;
-retrieval: dataset_type.txt and shards) at the three endpoints ``snapshot_download`` calls; the
-downloaded folders are then evaluated by the suite as they are.
+retrieval: dataset_type.txt and shards; WinoGAViL: nlphuji/winogavil's CSV, image zip and loading
+script) at the three endpoints ``snapshot_download`` calls; the downloaded folders are then evaluated
+by the suite as they are.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from test_evaluate import (
     TRANSFORM,
     ClassTokenizer,
     KnownModel,
+    colour_image,
     write_classification_set,
     write_retrieval_set,
 )
+from test_winogavil import KNOWN_GAMES, POOL, write_winogavil_set
 
 from amorlip.evaluate import runner, suites
 from amorlip.evaluate.download import DownloadError, download_suite
@@ -33,6 +36,10 @@ def hub(tmp_path):
     broken = site / "djghosh" / suites.datacomp_folder_name("mnist")
     write_classification_set(broken, BALANCED, shards=2)
     (broken / "test" / "1.tar").unlink()  # nshards.txt announces 2
+    wino = write_winogavil_set(site / "nlphuji" / "winogavil", KNOWN_GAMES,
+                               {name: colour_image(cls) for name, cls in POOL.items()})
+    (wino / "README.md").write_text("# WinoGAViL\n")
+    (wino / "winogavil.py").write_text("# the loading script: not needed, not fetched\n")
     with HubServer(site) as server:
         yield server, site
 
@@ -49,7 +56,7 @@ def test_download_suite_through_the_hub_api(tmp_path, hub, monkeypatch):
     status = download_suite("datacomp", root, tasks=["cifar10", "retrieval/flickr30k", "misc/winogavil"],
                             endpoint=server.endpoint, token="hf_secret", progress=False)
     assert status["cifar10"] == "downloaded" and status["retrieval/flickr30k"] == "downloaded"
-    assert status["misc/winogavil"].startswith("skipped")
+    assert status["misc/winogavil"] == "downloaded"
     assert all(auth == "Bearer hf_secret" for *_, auth in server.requests)  # the token reaches the hub
     src = site / "djghosh" / "wds_cifar10_test"
     for rel in ("classnames.txt", "zeroshot_classification_templates.txt", "test/nshards.txt", "test/0.tar",
@@ -58,12 +65,17 @@ def test_download_suite_through_the_hub_api(tmp_path, hub, monkeypatch):
     assert not (root / "wds_cifar10_test" / "dataset_type.txt").exists()  # classification: as DataComp has it
     assert (root / "wds_retrieval-flickr30k_test" / "dataset_type.txt").read_text().strip() == "retrieval"
     assert not [p for p in root.rglob("*.incomplete")]
+    wino_src, wino_dst = site / "nlphuji" / "winogavil", root / "wds_misc-winogavil_test"
+    for rel in ("winogavil_dataset.csv", "winogavil_images.zip"):
+        assert (wino_dst / rel).read_bytes() == (wino_src / rel).read_bytes(), rel
+    assert not (wino_dst / "winogavil.py").exists() and not (wino_dst / "README.md").exists()
 
     # the downloaded folders are what the suite reads: evaluate them
     suite = suites.datacomp_suite(root)
     res = runner.evaluate_suite(KnownModel(6), ClassTokenizer(NAMES), TRANSFORM, suite, run="r")
     assert res["tasks"]["cifar10"]["main"] == 1.0 and res["tasks"]["retrieval/flickr30k"]["main"] == 1.0
-    assert res["aggregates"]["covered"] == 2
+    assert res["tasks"]["misc/winogavil"]["main"] == pytest.approx(0.5)  # the known games' jaccard_score_10-12
+    assert res["aggregates"]["covered"] == 3
 
     # a rerun through an HF_ENDPOINT mirror: nothing there is fetched again; a lost shard is, alone
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
@@ -88,6 +100,17 @@ def test_download_failures_are_reported_after_trying_every_task(tmp_path, hub):
     assert (root / "wds_cifar10_test" / "test" / "1.tar").exists()  # the good task still downloaded
     with pytest.raises(ValueError, match="unknown DataComp task"):
         download_suite("datacomp", root, tasks=["imagenet-z"], endpoint=server.endpoint)
+
+
+def test_winogavil_download_checks_every_candidate_image(tmp_path):
+    site = tmp_path / "hub"
+    write_winogavil_set(site / "nlphuji" / "winogavil", KNOWN_GAMES,
+                        {name: colour_image(cls) for name, cls in POOL.items() if name != "fig2"})
+    with HubServer(site) as server, pytest.raises(DownloadError, match=(
+            r"misc/winogavil \(nlphuji/winogavil: ValueError: .*winogavil_images\.zip: 1 candidate image\(s\) "
+            r"missing \(winogavil_images/fig2\.jpg\)")):
+        download_suite("datacomp", tmp_path / "datacomp", tasks=["misc/winogavil"], endpoint=server.endpoint,
+                       progress=False)
 
 
 def test_download_rule_is_planned_for_the_paper_config_when_sets_are_missing(tmp_path):

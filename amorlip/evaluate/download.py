@@ -7,8 +7,10 @@ fetches it (``djghosh/wds_<task>_test``: ``classnames.txt``, ``zeroshot_classifi
 classification sets and the WILDS / fairness sets (their ``.npy`` metadata is inside the shards).
 Flickr and MSCOCO, which DataComp reads through HF ``datasets``, come from clip_benchmark's
 webdataset copies of the same test splits (``clip-benchmark/wds_flickr30k``,
-``clip-benchmark/wds_mscoco_captions``). WinoGAViL needs HF ``datasets`` and DataComp's own
-evaluation; it is not downloaded and is reported as missing (37 of the 38 tasks can be covered).
+``clip-benchmark/wds_mscoco_captions``). WinoGAViL, which DataComp reads through HF ``datasets``
+(``nlphuji/winogavil``), comes as the two plain files that repo's loading script reads,
+``winogavil_dataset.csv`` and ``winogavil_images.zip`` (4.7 GB), into ``wds_misc-winogavil_test``
+(read by :mod:`amorlip.evaluate.winogavil`). All 38 scored tasks can be covered.
 
 Transfers go through ``huggingface_hub.snapshot_download`` into the task folder (``local_dir``):
 every file is written under a temporary name and renamed when complete, an interrupted file resumes
@@ -16,7 +18,8 @@ every file is written under a temporary name and renamed when complete, an inter
 ``HF_ENDPOINT`` selects a mirror and ``HF_TOKEN`` (or ``huggingface-cli login``) authenticates. The
 hub's bookkeeping stays in the task folder's ``.cache/`` (what makes resume and skip work); the
 suite and the pipeline ignore it. After the transfer each task is checked: the shards that
-``test/nshards.txt`` announces must all be there.
+``test/nshards.txt`` announces must all be there (WinoGAViL: the CSV parses and every candidate's
+image is in the zip).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from amorlip.evaluate import winogavil
 from amorlip.evaluate.suites import Task, datacomp_suite
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,12 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 
 def _check_complete(task: Task) -> None:
     folder = Path(task.path)
+    if task.type == "winogavil":
+        problem = winogavil.problem(folder)
+        if problem:
+            raise OSError(f"{problem} after the download")
+        winogavil.check_set(folder)
+        return
     nshards_file = folder / "test" / "nshards.txt"
     if not nshards_file.exists():
         raise OSError("no test/nshards.txt: not a DataComp webdataset set")
@@ -65,16 +75,18 @@ def _check_complete(task: Task) -> None:
 
 
 def download_task(task: Task, endpoint: str | None = None, token: str | None = None, progress: bool = True) -> int:
-    """Fetch one webdataset task into ``task.path`` through the hub; return the number of files fetched."""
+    """Fetch one task (webdataset shards, or WinoGAViL's CSV + image zip) into ``task.path`` through the
+    hub; return the number of files fetched."""
     from huggingface_hub import snapshot_download
 
     folder = Path(task.path)
     folder.mkdir(parents=True, exist_ok=True)
     before = _files(folder)
-    patterns = _CLASSIFICATION_FILES if task.type == "classification" else _RETRIEVAL_FILES
+    patterns = {"classification": _CLASSIFICATION_FILES, "winogavil": list(winogavil.FILES)}.get(task.type,
+                                                                                            _RETRIEVAL_FILES)
     snapshot_download(repo_id=task.source, repo_type="dataset", local_dir=folder, allow_patterns=patterns,
                       endpoint=endpoint or default_endpoint(), token=token, max_workers=4)
-    if task.type != "classification" and not (folder / "dataset_type.txt").exists():
+    if task.type == "retrieval" and not (folder / "dataset_type.txt").exists():
         (folder / "dataset_type.txt").write_text("retrieval\n")  # what clip_benchmark needs to read it as one
     _check_complete(task)
     after = _files(folder)
@@ -87,8 +99,7 @@ def download_suite(suite: str, root: str | os.PathLike, tasks: Iterable[str] | N
 
     ``tasks`` selects task keys (default: all); ``endpoint`` defaults to :func:`default_endpoint`,
     ``token`` to huggingface_hub's own (``HF_TOKEN``, the login). Tasks that cannot be evaluated by
-    this project (WinoGAViL; FairFace/UTKFace, which have no main metric) are skipped with their
-    reason. Every task is attempted; if any failed, :class:`DownloadError` lists them at the end
+    this project (FairFace/UTKFace, which have no main metric) are skipped with their reason. Every task is attempted; if any failed, :class:`DownloadError` lists them at the end
     (what did download stays, and a rerun resumes).
     """
     if suite != "datacomp":

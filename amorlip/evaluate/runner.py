@@ -3,8 +3,8 @@
 ``results/{run}/{suite}.json`` (docs/architecture.md, "Results") is the contract with the report.
 Two rules keep the numbers honest:
 
-- a task whose eval set is absent or incomplete (or that this project cannot evaluate, such as
-  WinoGAViL) is reported as ``{"missing": reason}`` and never enters an average as a zero;
+- a task whose eval set is absent or incomplete (or that has no main metric, such as FairFace) is
+  reported as ``{"missing": reason}`` and never enters an average as a zero;
 - every aggregate says how many tasks it covers (``covered`` of ``total``), so a partial DataComp
   mean is never mistaken for the 38-task average.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from amorlip.evaluate import zeroshot
+from amorlip.evaluate import winogavil, zeroshot
 from amorlip.evaluate.suites import Suite, Task, get_suite
 from amorlip.fileio import atomic_path, atomic_write_json
 
@@ -42,6 +42,8 @@ def task_problem(task: Task) -> str | None:
     if task.unsupported:
         return task.unsupported
     folder = Path(task.path)
+    if task.type == "winogavil":
+        return winogavil.problem(folder)
     if not folder.is_dir():
         return f"eval set not found at {folder}"
     try:
@@ -67,6 +69,8 @@ def evaluate_task(model, tokenizer, transform: Callable, task: Task, device: str
         return {"missing": problem, **info}
     if task.type == "retrieval":
         metrics = zeroshot.evaluate_retrieval(model, tokenizer, task.path, transform, device, batch_size, workers)
+    elif task.type == "winogavil":
+        metrics = winogavil.evaluate_winogavil(model, tokenizer, task.path, transform, device, batch_size, workers)
     else:
         extra = task.main_metric if task.main_metric in zeroshot.EXTRA_METRICS else None
         metrics = zeroshot.evaluate_classification(model, tokenizer, task.path, transform, device,
@@ -75,8 +79,11 @@ def evaluate_task(model, tokenizer, transform: Callable, task: Task, device: str
     if main is None:
         return {"missing": f"main metric {task.main_metric} not produced (got {sorted(metrics)})",
                 "metrics": metrics, **info}
-    chance = zeroshot.chance_level(task.main_metric, num_classes=metrics.get("num_classes"),
-                                   num_samples=metrics.get("num_samples"))
+    if task.type == "winogavil":  # the expected Jaccard index of random picks, over the same games
+        chance = metrics.get(f"chance_{task.main_metric}")
+    else:
+        chance = zeroshot.chance_level(task.main_metric, num_classes=metrics.get("num_classes"),
+                                       num_samples=metrics.get("num_samples"))
     return {"metrics": metrics, "main": float(main), "chance": chance, **info}
 
 

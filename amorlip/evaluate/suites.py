@@ -11,7 +11,8 @@ main metrics by group. Two suites exist:
   number the AmorLIP paper reports as "Avg 38". FairFace and UTKFace are listed without a main
   metric, as in DataComp, and never enter an average. Task folders are named as DataComp's
   ``download_evalsets.py`` names them: ``wds_<key with / replaced by ->_test`` under the DataComp
-  root, with the ``fairness/`` prefix dropped.
+  root, with the ``fairness/`` prefix dropped (WinoGAViL, which DataComp reads through HF
+  ``datasets``, gets ``wds_misc-winogavil_test`` by the same rule).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Task:
 
     key: str
     name: str
-    type: str  # "classification" | "retrieval"
+    type: str  # "classification" | "retrieval" | "winogavil"
     main_metric: str | None
     group: str | None
     path: Path
@@ -132,11 +133,10 @@ RETRIEVAL_SOURCES = {
     "retrieval/mscoco_2014_5k_test_image_text_retrieval": "clip-benchmark/wds_mscoco_captions",
 }
 
+# WinoGAViL: the two plain files of DataComp's HF dataset repo (amorlip/evaluate/winogavil.py)
+OTHER_SOURCES = {**RETRIEVAL_SOURCES, "misc/winogavil": "nlphuji/winogavil"}
+
 UNSUPPORTED = {
-    "misc/winogavil": (
-        "WinoGAViL needs the HF `datasets` loader (nlphuji/winogavil) and DataComp's association-game "
-        "evaluation, which this project does not implement; run DataComp's evaluate.py for it"
-    ),
     "fairness/fairface": "no main metric in DataComp (fairness analysis only; excluded from the average)",
     "fairness/utkface": "no main metric in DataComp (fairness analysis only; excluded from the average)",
 }
@@ -149,6 +149,14 @@ def datacomp_folder_name(key: str) -> str:
     return f"wds_{key.replace('/', '-')}_test"
 
 
+def _task_type(key: str) -> str:
+    if key.startswith("retrieval/"):
+        return "retrieval"
+    if key == "misc/winogavil":
+        return "winogavil"
+    return "classification"
+
+
 def datacomp_suite(root: str | Path) -> Suite:
     """The DataComp 38-task suite (+ FairFace/UTKFace, unscored) with its folders under ``root``."""
     root = Path(root)
@@ -156,10 +164,10 @@ def datacomp_suite(root: str | Path) -> Suite:
     for key, name, metric, group, num_classes in DATACOMP_TASKS:
         tasks.append(Task(
             key=key, name=name,
-            type="retrieval" if key.startswith("retrieval/") else "classification",
+            type=_task_type(key),
             main_metric=metric, group=group, path=root / datacomp_folder_name(key),
             num_classes=num_classes,
-            source=RETRIEVAL_SOURCES.get(key, f"djghosh/{datacomp_folder_name(key)}"),
+            source=OTHER_SOURCES.get(key, f"djghosh/{datacomp_folder_name(key)}"),
             unsupported=UNSUPPORTED.get(key),
         ))
     groups = {g: tuple(t.key for t in tasks if t.group == g) for g in (IMAGENET, SHIFTS, VTAB, RETRIEVAL)}

@@ -139,6 +139,11 @@ class Trainer:
         self.validation = None
         self.last_validation: dict[str, Any] | None = None
         self.last_validation_step = -1
+        # zero-shot evaluation during training (amorlip.train.zeroshot_hook.ZeroShotDuringTraining), set by the
+        # caller on every rank when run.zeroshot_during_training is on; last_zeroshot: its last record, for train.json
+        self.zeroshot = None
+        self.last_zeroshot: dict[str, Any] | None = None
+        self.last_zeroshot_step = -1
 
     # ------------------------------------------------------------------ state
 
@@ -263,8 +268,10 @@ class Trainer:
                 if self.pos.step_in_epoch >= spe:  # the epoch is done: measure, move on, checkpoint
                     self._validate(epoch, epoch_end=True)
                     self._epoch_diagnostics(epoch)
+                    self._zeroshot_eval(epoch, speed)
                     self.pos.epoch, self.pos.step_in_epoch = epoch + 1, 0
                     self.save()
+            self._zeroshot_eval(self.pos.epoch, speed)  # the end of training (max_steps may end mid-epoch)
             self.save()
         finally:
             progress.close()
@@ -330,6 +337,45 @@ class Trainer:
                      report["gradient_fidelity"]["cosine"])
         if self.world_size > 1:
             dist_utils.barrier()
+
+    def _zeroshot_eval(self, epoch: int, speed: Throughput) -> None:
+        """Zero-shot evaluation of the current weights (amorlip/train/zeroshot_hook.py) at the end of every
+        ``zeroshot_during_training.every_epochs``-th epoch and at the end of training: rank 0 evaluates
+        ``engine.module`` (replicated: ZeRO-3 is refused at config load) and records ``kind: zeroshot`` in
+        metrics.jsonl and ``zeroshot/<suite>/...`` (percent) in MLflow; the other ranks wait at a barrier.
+        Its time is taken out of the throughput window and of the train-loop time (it is no step's)."""
+        steps, final = self.pos.steps_done, self.pos.steps_done >= self.total_steps
+        if self.zeroshot is None or self.last_zeroshot_step == steps or not self.zeroshot.due(epoch, final):
+            return
+        self.last_zeroshot_step = steps
+        t0 = time.monotonic()
+        if self.master:
+            from amorlip.train.zeroshot_hook import mlflow_figures, percent_figures
+
+            try:
+                results = self.zeroshot(self.engine.module)
+            except Exception as exc:  # an evaluation never stops training (nor leaves peers at the barrier)
+                log.warning("zero-shot evaluation at step %d failed: %s: %s", steps, type(exc).__name__, exc)
+                results = None
+            if results is not None:
+                suite = results["suite"]
+                mean, tasks = percent_figures(results)
+                agg = results["aggregates"]
+                self.last_zeroshot = {"step": steps, "epoch": epoch, "suite": suite, "mean": mean, "tasks": tasks,
+                                      "covered": agg["covered"], "total": agg["total"]}
+                self.metrics.append({"step": steps, "epoch": epoch, "kind": "zeroshot", "suite": suite, "mean": mean,
+                                     "tasks": tasks, "covered": agg["covered"], "total": agg["total"],
+                                     "time": time.time()})
+                self.tracker.log_metrics(mlflow_figures(suite, mean, tasks), step=steps)
+                log.info("zero-shot at step %d (epoch %d): %s mean %s over %d/%d tasks (%.1f s)", steps, epoch, suite,
+                         "n/a" if mean is None else f"{mean:.2f}%", agg["covered"], agg["total"],
+                         time.monotonic() - t0)
+        if self.world_size > 1:
+            dist_utils.barrier()
+        spent = time.monotonic() - t0
+        speed.t0 += spent
+        if self._loop_t0 is not None:
+            self._loop_t0 += spent
 
     def _deepspeed_traffic(self, engine, run) -> dict[str, tuple[int, int]]:
         """DeepSpeed's per-step gradient and parameter collectives, computed from the parameter groups and

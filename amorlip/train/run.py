@@ -136,6 +136,8 @@ def _write_outputs(config: dict, run: RunConfig, trainer, tracker, out_dir: Path
         "collectives": trainer.comm.summary(),
         # the last fixed-batch validation ({"step", "epoch", "val_infonce", "val_batch", "temperature"}), else None
         "validation": trainer.last_validation,
+        # the last zero-shot evaluation during training ({"step", "epoch", "suite", "mean", "tasks", ...}; percent)
+        "zeroshot_during_training": trainer.last_zeroshot,
         "complete": True,
     }
     curve = plot_run_curves(trainer.metrics.read(), out_dir / "loss_curves.png",
@@ -193,6 +195,10 @@ def train(config: dict, run_name: str) -> int:
             trainer.validation = FixedBatchValidation(
                 Path(config["paths"]["data"]) / run.dataset / "shards", run.model, run.validation, world.device,
                 rank=world.rank, world_size=world.world_size, group=world.group).prepare()
+        if run.zeroshot_during_training.enabled:  # every rank (the due check); rank 0 evaluates
+            from amorlip.train.zeroshot_hook import ZeroShotDuringTraining
+
+            trainer.zeroshot = ZeroShotDuringTraining(config, run, world.device)
         state = trainer.resume()
         tags = {"run": run.name, "method": run.method, "variant": run.variant, "dataset": run.dataset,
                 "model": run.model}

@@ -11,6 +11,8 @@
 # The rule's input functions for that (_train_ranks, _under_slurm, _train_mpi, _train_launcher) live in
 # common.smk with the others.
 
+from types import SimpleNamespace
+
 
 rule mlflow_init:
     output:
@@ -25,9 +27,17 @@ rule mlflow_init:
         "amorlip mlflow init --config {CONFIG_FILE:q} --out {output.parent:q} > {log:q} 2>&1"
 
 
+def _zeroshot_inputs(wc):
+    """The eval sets of the suite a run evaluates during training (zeroshot_during_training), when on;
+    suite_inputs lives in evaluate.smk (called at DAG time, after every include)."""
+    zs = RUNS[wc.run].zeroshot_during_training
+    return suite_inputs(SimpleNamespace(suite=zs.suite)) if zs.enabled else []
+
+
 rule train_run:
     input:
         manifest=lambda wc: f"{DATA}/{RUNS[wc.run].dataset}/manifest.json",
+        zeroshot=_zeroshot_inputs,
         parent=rules.mlflow_init.output.parent,
     output:
         summary=f"{RUNS_DIR}/{{run}}/train.json",
