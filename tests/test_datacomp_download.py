@@ -28,6 +28,26 @@ from amorlip.evaluate import runner, suites
 from amorlip.evaluate.download import DownloadError, download_suite
 
 
+@pytest.fixture(autouse=True)
+def hub_online(monkeypatch):
+    """`make test` runs with HF_HUB_OFFLINE=1 (the Makefile exports it for the offline demo), which
+    huggingface_hub reads once at import: these tests download from a loopback hub, so they switch it
+    off the way a user does (the variable) and where huggingface_hub keeps it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_offline_mode_stops_the_download_naming_the_variable(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE=0"):
+        download_suite("datacomp", tmp_path / "datacomp", tasks=["cifar10"])
+    assert not (tmp_path / "datacomp").exists() or not any((tmp_path / "datacomp").iterdir())
+
+
 @pytest.fixture()
 def hub(tmp_path):
     site = tmp_path / "hub"

@@ -74,6 +74,20 @@ def _check_complete(task: Task) -> None:
                       f"({', '.join(missing[:5])}); the repo lists fewer files than nshards.txt announces")
 
 
+def refuse_offline_mode() -> None:
+    """Stop before any task when huggingface_hub is in offline mode (``HF_HUB_OFFLINE``, read once when
+    huggingface_hub is imported): every task would fail alike, and the Makefile exports it so that the
+    offline demo never reaches the hub."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise DownloadError(
+            "huggingface_hub is in offline mode (HF_HUB_OFFLINE is set; the Makefile exports HF_HUB_OFFLINE=1 "
+            "for the offline demo), so nothing can be downloaded: run the download with HF_HUB_OFFLINE=0, e.g. "
+            "`HF_HUB_OFFLINE=0 .venv/bin/amorlip evalsets download datacomp --root ...`, or the pipeline as "
+            "`HF_HUB_OFFLINE=0 .venv/bin/snakemake ...`")
+
+
 def download_task(task: Task, endpoint: str | None = None, token: str | None = None, progress: bool = True) -> int:
     """Fetch one task (webdataset shards, or WinoGAViL's CSV + image zip) into ``task.path`` through the
     hub; return the number of files fetched."""
@@ -104,6 +118,7 @@ def download_suite(suite: str, root: str | os.PathLike, tasks: Iterable[str] | N
     """
     if suite != "datacomp":
         raise ValueError(f"suite '{suite}' has nothing to download (only 'datacomp'; the demo's sets are built locally)")
+    refuse_offline_mode()
     endpoint = endpoint or default_endpoint()
     suite_def = datacomp_suite(root)
     selected = list(suite_def.tasks)
