@@ -148,34 +148,30 @@ def run_panels(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return panels
 
 
-def plot_run_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path | None:
+def plot_run_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     """One run's figure: one panel per metric (log scale where it spans decades), epoch boundaries
     dotted. A run that logged no step record (fewer steps than ``log_every``) still gets its figure,
     saying so: the PNG is a rule output, and a missing one would fail a finished training job."""
     panels = run_panels(records)
     plt = pyplot()
-    if not panels:
+    if panels:
+        ncols = min(3, len(panels))
+        nrows = -(-len(panels) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (key, pts) in zip(axes.flat, panels.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, markersize=3)
+            scale = scale_for(v for _, v in pts)
+            ax.set_yscale(scale)
+            ax.set_title(key if scale == "linear" else f"{key} ({scale})", fontsize=10)
+            ax.set_xlabel("step")
+            mark_epochs(ax, records)
+    else:
         fig, ax = plt.subplots(figsize=(4.6, 3.2))
         ax.axis("off")
         ax.text(0.5, 0.5, "no step metrics logged\n(the run had fewer steps than log_every)",
                 ha="center", va="center")
-        if title:
-            fig.suptitle(title)
-        out = _save(fig, out)
-        plt.close(fig)
-        return out
-    ncols = min(3, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax, (key, pts) in zip(axes.flat, panels.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, markersize=3)
-        scale = scale_for(v for _, v in pts)
-        ax.set_yscale(scale)
-        ax.set_title(key if scale == "linear" else f"{key} ({scale})", fontsize=10)
-        ax.set_xlabel("step")
-        mark_epochs(ax, records)
     if title:
         fig.suptitle(title)
     out = _save(fig, out)
