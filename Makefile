@@ -52,15 +52,17 @@ bench: setup
 # benchmarks/RESULTS.md, section 4a). One seed at a time (benchmarks/quality_targets.py), so an
 # interrupted sweep holds complete seeds to pair. Resumable: rerun to continue. --keep-going: one
 # failed run does not stop the others, and the summary reports what finished (missing runs are
-# listed, never zero).
+# listed, never zero). --rerun-triggers mtime input: the sweep outlives code updates, and a
+# setting a newer version adds must not retrain finished runs (delete bench/quality/runs/<run> to
+# retrain one).
 QUALITY := config/bench-quality.yaml
 bench-quality: setup
 	@rc=0; for seed in $$($(BIN)/python -m benchmarks.quality_targets --config $(QUALITY) --seeds); do \
 	  echo "bench-quality: seed $$seed"; \
 	  $(BIN)/snakemake $$($(BIN)/python -m benchmarks.quality_targets --config $(QUALITY) --seed $$seed) \
-	    --cores $(CORES) --keep-going --configfile $(QUALITY) || rc=$$?; \
+	    --cores $(CORES) --keep-going --rerun-triggers mtime input --configfile $(QUALITY) || rc=$$?; \
 	done; \
-	$(BIN)/snakemake report --cores $(CORES) --keep-going --configfile $(QUALITY) || rc=$$?; \
+	$(BIN)/snakemake report --cores $(CORES) --keep-going --rerun-triggers mtime input --configfile $(QUALITY) || rc=$$?; \
 	$(BIN)/python -m benchmarks.quality_summary --config $(QUALITY); exit $$rc
 
 slurm-up:

@@ -289,6 +289,23 @@ def validate(raw: Mapping[str, Any]) -> dict:
     return config
 
 
+def _non_default(obj) -> dict:
+    """A dataclass as a dict, recursively, leaving out defaulted fields equal to their default."""
+    out = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        out[field.name] = _non_default(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class AmorlipConfig:
     pos_coef: float
@@ -406,6 +423,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def settings(self) -> dict:
+        """:meth:`to_dict` without the defaulted fields (nested too) that hold their default: what the
+        pipeline digests to decide whether a finished run is stale (workflow/rules/common.smk,
+        ``run_settings``). A setting a newer version adds, at its default, then changes nothing, so an
+        upgrade never retrains finished runs; a value someone set (or a required field) always counts."""
+        return _non_default(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:

@@ -12,7 +12,8 @@ runs by method / variant and batch size, and prints:
   the batch shrinks" is answered where that CI excludes 0, and reported as not separable otherwise;
 - the minimum detectable difference of each comparison (two-sided 5 %, 80 % power, from the pair
   count and the measured spread of the pair differences);
-- the AmorLIP runs' last-epoch amortization figures (train.json), mean over seeds per batch.
+- the AmorLIP runs' last-epoch amortization figures (the last ``kind: amortization`` record of each
+  run's metrics.jsonl), mean over seeds per batch.
 
 Values are percentages (the suite's fractions x 100), as in the pipeline's summary. Writes
 ``benchmarks/results/quality.json`` and a plot (``quality.png``: mean main metric vs batch size, one
@@ -92,6 +93,7 @@ def verdict(ci: dict) -> str:
 def summarize(config: dict, suite: str) -> dict:
     """``{"cells": {label: {batch: {...}}}, "missing": [...], "chance": x}`` from the sweep's results."""
     from amorlip.report import collect
+    from amorlip.report.collect import amortization_epochs
 
     per_cell: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     runs_of: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -107,8 +109,9 @@ def summarize(config: dict, suite: str) -> dict:
         agg = result.get("aggregates") or {}
         value = agg.get("mean_main")
         runs_of[key][run.batch_size].append(name)
-        if (rec.get("train") or {}).get("amortization"):
-            amort[key][run.batch_size].append(rec["train"]["amortization"])
+        epochs = amortization_epochs(rec.get("curve") or [])
+        if epochs:
+            amort[key][run.batch_size].append(epochs[-1])
         if value is None:
             missing.append(name)
             continue
@@ -147,17 +150,20 @@ AMORT_FIGURES = (("image", "ema", "rmse"), ("image", "in_batch", "rmse"), ("text
 
 def amortization_means(records: list[dict]) -> dict | None:
     """Mean over seeds of the last-epoch amortization figures (lambda-net RMSE vs the in-batch estimate's,
-    EMA-net correlation, gradient cosine) of a cell's AmorLIP runs; None for other methods."""
+    EMA-net correlation, gradient cosine) of a cell's AmorLIP runs; None for other methods.
+
+    ``records``: each run's last ``kind: amortization`` line of metrics.jsonl (flat ``amort/<modality>/
+    <predictor>_<stat>`` figures). metrics.jsonl rather than train.json: it holds every epoch's record
+    whatever happened to the process that wrote it (a run resumed after its last epoch end by an older
+    version reports none in train.json)."""
     if not records:
         return None
     out: dict[str, float | int] = {"n": len(records), "epoch": max(r.get("epoch", -1) for r in records)}
     for modality, predictor, stat in AMORT_FIGURES:
-        vals = [((r.get("modalities", {}).get(modality) or {}).get("predictors", {}).get(predictor) or {}).get(stat)
-                for r in records]
+        vals = [r.get(f"amort/{modality}/{predictor}_{stat}") for r in records]
         vals = [float(v) for v in vals if v is not None]
         out[f"{modality}_{predictor}_{stat}"] = statistics.fmean(vals) if vals else math.nan
-    cos = [float(r["gradient_fidelity"]["cosine"]) for r in records
-           if (r.get("gradient_fidelity") or {}).get("cosine") is not None]
+    cos = [float(r["amort/grad_cosine"]) for r in records if r.get("amort/grad_cosine") is not None]
     out["grad_cosine"] = statistics.fmean(cos) if cos else math.nan
     return out
 
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for key in sorted(summary["cells"]) for b, c in sorted(summary["cells"][key].items())
                   if c.get("amortization")]
     if amort_rows:
-        print_table("AmorLIP amortization at the last epoch (train.json), mean over seeds: lambda-net (ema) vs "
+        print_table("AmorLIP amortization at the last epoch (metrics.jsonl), mean over seeds: lambda-net (ema) vs "
                     "in-batch RMSE of log Z, ema correlation, gradient cosine",
                     ["method, batch", "runs", "epoch"] + [f"{m} {p} {st}" for m, p, st in AMORT_FIGURES]
                     + ["grad cosine"], amort_rows)

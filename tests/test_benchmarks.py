@@ -148,6 +148,7 @@ def _suite_result(run: str, mean_main: float) -> dict:
 
 @pytest.mark.parametrize("missing", [False, True])
 def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
+    from amorlip.diagnostics import flat_figures
     from benchmarks import quality_summary
 
     # the suite's fractions; the summary reports percentages
@@ -159,6 +160,17 @@ def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
         path = tmp_path / "results" / run / "emoji-heldout.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(_suite_result(run, v)))
+    for seed, (first, last, cosine) in enumerate(((0.9, 0.25, 0.5), (0.8, 0.35, 0.7))):
+        lines = [{"step": 1, "epoch": 0, "loss": 1.0}]
+        for epoch, rmse in enumerate((first, last)):
+            report = {"modalities": {m: {"target": {"std": 0.3}, "predictors": {
+                          "ema": {"rmse": rmse, "bias": 0.0, "corr": 0.5},
+                          "in_batch": {"rmse": 0.4, "bias": 0.0, "corr": 0.9}}} for m in ("image", "text")},
+                      "gradient_fidelity": {"cosine": cosine}}
+            lines.append({"step": 12 * (epoch + 1), "epoch": epoch, "kind": "amortization", **flat_figures(report)})
+        path = tmp_path / "runs" / f"amorlip-published-b32-s{seed}" / "metrics.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     config = tmp_path / "config.yaml"
     config.write_text("paths: {data: data, runs: runs, results: results, resources: resources}\n"
                       "runs: {}\nsweep: {method: [clip, amorlip], batch_size: [32], seed: [0, 1]}\n")
@@ -179,6 +191,12 @@ def test_quality_summary_groups_seeds_by_method_and_batch(tmp_path, missing):
     assert clip["tasks"] == pytest.approx({"category": 22.0, "retrieval": 0.0})
     assert payload["missing"] == (["amorlip-published-b32-s1"] if missing else [])
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
+    # amortization: each AmorLIP run's last epoch-end record of metrics.jsonl, in the trainer's format
+    assert clip["amortization"] is None
+    assert amor["amortization"]["n"] == 2 and amor["amortization"]["epoch"] == 1
+    assert amor["amortization"]["image_ema_rmse"] == pytest.approx((0.25 + 0.35) / 2)  # epoch 1's, not 0's
+    assert amor["amortization"]["grad_cosine"] == pytest.approx((0.5 + 0.7) / 2)
+    assert amor["amortization"]["text_in_batch_rmse"] == pytest.approx(0.4)
 
 
 def test_quality_summary_degradation_pairs_seeds_and_gives_t_intervals(tmp_path):

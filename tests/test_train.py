@@ -306,3 +306,14 @@ def test_kill9_mid_epoch_resumes_without_gap_or_repeat(fresh, tmp_path):
     assert finals[0]["weights_sha256"] == finals[1]["weights_sha256"]
     losses = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] == 0 and "kind" not in r]
     assert losses[-1]["loss"] < losses[0]["loss"]
+
+    # train.json lost after the end: the rerun resumes at the last step, trains nothing and still
+    # reports the last validation and amortization records (they travel in the checkpoint)
+    before = _summary(root, "kill")
+    (run_dir / "train.json").unlink()
+    res = run_cli(root / "config.yaml", "kill", nproc=2)
+    assert res.returncode == 0, res.stderr[-4000:]
+    after = _summary(root, "kill")
+    assert after["resumed_from"] == "step-0000024" and after["steps"] == 24
+    for key in ("validation", "amortization"):
+        assert before[key] is not None and after[key] == before[key], key

@@ -23,6 +23,7 @@ Stops:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -129,6 +130,7 @@ class Trainer:
         self._attempt_t0 = started_at if started_at is not None else time.monotonic()
         self._stop_now = False
         self._loop_t0: float | None = None
+        self._speed: Throughput | None = None  # the images/s window of the running fit()
         self.last_logged: dict[str, float] = {}
         # end-of-epoch amortization diagnostics (amorlip.diagnostics.EpochDiagnostics), set by the caller
         # for AmorLIP runs; amortization: the last measurement, for train.json
@@ -162,6 +164,11 @@ class Trainer:
             "replica_checksum": self.task.replica_checksum(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "final_losses": dict(self.final_losses),
+            # the last measurement of each between-steps kind, so that a resumed run's train.json still
+            # reports them (a resume after the last epoch end measures nothing again)
+            "last_records": json.loads(json.dumps({"amortization": self.amortization,
+                                                   "validation": self.last_validation,
+                                                   "zeroshot": self.last_zeroshot})),
         }
 
     def resume(self) -> dict[str, Any] | None:
@@ -186,6 +193,10 @@ class Trainer:
         self.pos = Position(**state["position"])
         self.task.load_state_dict(state["task"])
         self.final_losses = dict(state.get("final_losses") or {})
+        records = state.get("last_records") or {}
+        self.amortization = records.get("amortization")
+        self.last_validation = records.get("validation")
+        self.last_zeroshot = records.get("zeroshot")
         self.last_saved = self.pos.steps_done
         self.resumed_from = tag
         if self.master:
@@ -248,7 +259,7 @@ class Trainer:
     def fit(self) -> Position:
         spe = self.steps_per_epoch
         progress = Progress(self.total_steps, self.pos.steps_done, self.master, desc=self.run.name)
-        speed = Throughput(self.global_batch)
+        speed = self._speed = Throughput(self.global_batch)
         self._loop_t0 = time.monotonic()
         try:
             while self.pos.steps_done < self.total_steps:
@@ -267,16 +278,33 @@ class Trainer:
                                         f"checkpoint {ckpt.tag_for(self.pos.steps_done)} saved")
                 if self.pos.step_in_epoch >= spe:  # the epoch is done: measure, move on, checkpoint
                     self._validate(epoch, epoch_end=True)
-                    self._epoch_diagnostics(epoch)
-                    self._zeroshot_eval(epoch, speed)
+                    with self._between_steps():
+                        self._epoch_diagnostics(epoch)
+                        self._zeroshot_eval(epoch)
                     self.pos.epoch, self.pos.step_in_epoch = epoch + 1, 0
                     self.save()
-            self._zeroshot_eval(self.pos.epoch, speed)  # the end of training (max_steps may end mid-epoch)
+            with self._between_steps():
+                self._zeroshot_eval(self.pos.epoch)  # the end of training (max_steps may end mid-epoch)
             self.save()
         finally:
             progress.close()
         self._sync_skipped()
         return self.pos
+
+    @contextlib.contextmanager
+    def _between_steps(self):
+        """Time spent measuring between steps (validation, amortization diagnostics, zero-shot) is no
+        step's: it is taken out of the images/s window and of the train-loop time (train_time_s), so
+        that turning a measurement on does not read as a slower trainer. Checkpoint saves stay in."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - t0
+            if self._speed is not None:
+                self._speed.t0 += spent
+            if self._loop_t0 is not None:
+                self._loop_t0 += spent
 
     def _validate(self, epoch: int, epoch_end: bool) -> None:
         """The fixed-batch validation metric (amorlip/train/validation.py) when it is due: every
@@ -292,7 +320,8 @@ class Trainer:
             return
         self.last_validation_step = steps
         t0 = time.monotonic()
-        figures = self.validation(self.engine.module)
+        with self._between_steps():
+            figures = self.validation(self.engine.module)
         if self.master:
             self.last_validation = {"step": steps, "epoch": epoch, **figures, "temperature": cfg.temperature}
             self.metrics.append({"step": steps, "epoch": epoch, "kind": "validation", **figures, "time": time.time()})
@@ -338,12 +367,12 @@ class Trainer:
         if self.world_size > 1:
             dist_utils.barrier()
 
-    def _zeroshot_eval(self, epoch: int, speed: Throughput) -> None:
+    def _zeroshot_eval(self, epoch: int) -> None:
         """Zero-shot evaluation of the current weights (amorlip/train/zeroshot_hook.py) at the end of every
         ``zeroshot_during_training.every_epochs``-th epoch and at the end of training: rank 0 evaluates
         ``engine.module`` (replicated: ZeRO-3 is refused at config load) and records ``kind: zeroshot`` in
         metrics.jsonl and ``zeroshot/<suite>/...`` (percent) in MLflow; the other ranks wait at a barrier.
-        Its time is taken out of the throughput window and of the train-loop time (it is no step's)."""
+        Called inside :meth:`_between_steps` (its time is no step's)."""
         steps, final = self.pos.steps_done, self.pos.steps_done >= self.total_steps
         if self.zeroshot is None or self.last_zeroshot_step == steps or not self.zeroshot.due(epoch, final):
             return
@@ -372,10 +401,6 @@ class Trainer:
                          time.monotonic() - t0)
         if self.world_size > 1:
             dist_utils.barrier()
-        spent = time.monotonic() - t0
-        speed.t0 += spent
-        if self._loop_t0 is not None:
-            self._loop_t0 += spent
 
     def _deepspeed_traffic(self, engine, run) -> dict[str, tuple[int, int]]:
         """DeepSpeed's per-step gradient and parameter collectives, computed from the parameter groups and

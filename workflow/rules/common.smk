@@ -90,7 +90,9 @@ def dataset_settings(wc):
 
 
 def run_settings(wc):
-    return settings_digest(RUNS[wc.run].to_dict())
+    """The run's settings less those at the default of a field added later (RunConfig.settings): a
+    version that adds a setting leaves finished runs alone."""
+    return settings_digest(RUNS[wc.run].settings())
 
 
 def datacomp_sets():
