@@ -73,11 +73,14 @@ def cmd_source(args) -> int:
 
 def cmd_download(args) -> int:
     from amorlip.data.download import DownloadIncomplete, download
+    from amorlip.fileio import staged_dir
 
     config = _config(args)
     try:
-        with output_lock(args.out):
-            download(config, _dataset(config, args.dataset), urls=args.urls, out_dir=args.out)
+        # built in <out>.partial, moved to <out> when complete: a failed job's output folder is deleted
+        # by Snakemake before its retry, the work folder is not (fileio.staged_dir)
+        with output_lock(args.out), staged_dir(args.out) as work:
+            download(config, _dataset(config, args.dataset), urls=args.urls, out_dir=work)
     except DownloadIncomplete as exc:  # urls never attempted: named, and never an exit status of 0
         print(f"amorlip: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -319,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(add("download", cmd_download, "img2dataset -> webdataset shards"))
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--urls", required=True, help="urls.parquet from `amorlip source`")
-    sp.add_argument("--out", required=True, help="shard folder")
+    sp.add_argument("--out", required=True,
+                    help="shard folder (built in <out>.partial, moved here when every url is accounted for)")
 
     sp = with_config(add("index", cmd_index, "write sizes.json and manifest.json from img2dataset stats"))
     sp.add_argument("--dataset", required=True)

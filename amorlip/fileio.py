@@ -127,6 +127,38 @@ def file_sha256(path: str | os.PathLike, cache: str | os.PathLike | None = None)
     return digest
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_dir(final: str | os.PathLike) -> Path:
+    """The work folder :func:`staged_dir` builds ``final`` in: ``<final>.partial`` beside it."""
+    final = Path(final)
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in ``<final>.partial`` and move it to ``final`` only when the body succeeds.
+
+    Why: a workflow manager deletes the declared output of a failed job (Snakemake does, before its
+    retry), so a download killed at its SLURM time limit would lose every finished shard with its
+    output folder. The work folder is not an output: it survives the failure and the next attempt
+    resumes in it. A ``final`` that already exists (a finished download, one made before staging, or a
+    copy) is moved into the work folder first, so it is checked and completed the same way. The move
+    is a rename on one filesystem: nothing is copied.
+    """
+    final = Path(final)
+    work = partial_dir(final)
+    if final.exists() and work.exists():
+        raise FileExistsError(
+            f"both {final} and {work} exist: {work} is an unfinished attempt at {final}. Keep one (delete "
+            f"the other: {final} if it is older, else {work}) and run again")
+    if final.exists():
+        os.replace(final, work)
+    yield work
+    os.replace(work, final)
+
+
 class OutputLockedError(RuntimeError):
     """Another process (another pipeline sharing these paths) is writing the same output."""
 

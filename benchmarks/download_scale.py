@@ -103,6 +103,7 @@ def _start_part(config: Path, parts_dir: Path, name: str, out: Path, logs: Path)
 def run_once(server, list_table, parts: int, args, kill: bool = False) -> dict:
     """split -> N concurrent part downloads -> merge -> index; the wall time and the accounting."""
     from amorlip.data.parts import part_names
+    from amorlip.fileio import partial_dir
 
     work = Path(args.workdir) / f"n{parts}{'-kill' if kill else ''}"
     shutil.rmtree(work, ignore_errors=True)
@@ -121,12 +122,13 @@ def run_once(server, list_table, parts: int, args, kill: bool = False) -> dict:
     killed = None
     if kill:
         victim = len(procs) - 1
-        while not list(outs[victim].glob("*_stats.json")) and procs[victim].poll() is None:
+        building = partial_dir(outs[victim])  # `amorlip download` works there until the part is complete
+        while not list(building.glob("*_stats.json")) and procs[victim].poll() is None:
             time.sleep(0.05)
         if procs[victim].poll() is None:
             procs[victim].send_signal(signal.SIGTERM)
             rc = procs[victim].wait()
-            done = len(list(outs[victim].glob("*_stats.json")))
+            done = len(list(building.glob("*_stats.json")))
             killed = {"part": names[victim], "exit_status": rc, "shards_finished_before_kill": done}
             log.info("killed part %s (exit status %d) after %d finished shard(s); running it again",
                      names[victim], rc, done)

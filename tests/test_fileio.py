@@ -17,7 +17,9 @@ from amorlip.fileio import (
     atomic_write_text,
     file_sha256,
     output_lock,
+    partial_dir,
     read_jsonl,
+    staged_dir,
 )
 
 
@@ -125,3 +127,23 @@ def test_read_jsonl_skips_blank_and_torn_lines(tmp_path):
     assert read_jsonl(path) == []  # no file yet
     path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')  # a kill cut the last append
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_staged_dir_publishes_on_success_only_and_resumes_an_existing_folder(tmp_path):
+    final = tmp_path / "shards"
+    with pytest.raises(RuntimeError), staged_dir(final) as work:
+        (work / "00000.tar").parent.mkdir()
+        (work / "00000.tar").write_text("done")
+        raise RuntimeError("stopped at the time limit")
+    assert not final.exists() and (partial_dir(final) / "00000.tar").read_text() == "done"
+    with staged_dir(final) as work:  # the next attempt finds its shard where it left it
+        assert (work / "00000.tar").read_text() == "done"
+        (work / "00001.tar").write_text("done")
+    assert sorted(p.name for p in final.iterdir()) == ["00000.tar", "00001.tar"]
+    assert not partial_dir(final).exists()
+    with staged_dir(final) as work:  # a finished folder is checked in the work folder and moved back
+        assert sorted(p.name for p in work.iterdir()) == ["00000.tar", "00001.tar"] and not final.exists()
+    assert final.is_dir()
+    partial_dir(final).mkdir()
+    with pytest.raises(FileExistsError, match=r"shards\.partial is an unfinished attempt"), staged_dir(final):
+        pass

@@ -56,7 +56,7 @@ from amorlip.data.accounting import check_success_floor, final_outcomes, is_retr
 from amorlip.data.loopback import LoopbackFileServer
 from amorlip.data.parts import first_shard_of, local_root_of, read_parts
 from amorlip.data.reshard import canonicalize_shards
-from amorlip.fileio import atomic_write_json, atomic_write_text
+from amorlip.fileio import atomic_write_json, atomic_write_text, partial_dir
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +466,13 @@ def write_index(config: Mapping[str, Any], dataset: str, shards_dir: str | os.Pa
     ds = config["datasets"][dataset]
     shards_dir = Path(shards_dir)
     data_dir = Path(config["paths"]["data"]) / dataset
+    if not shards_dir.is_dir():
+        work = partial_dir(shards_dir)
+        if work.is_dir():
+            raise ValueError(f"index {dataset}: {shards_dir} does not exist yet: the download is unfinished "
+                             f"in {work} ({NOT_ATTEMPTED_FILE} there lists what is left). Run the download "
+                             f"again: it resumes there and moves the folder to {shards_dir} when complete")
+        raise ValueError(f"index {dataset}: no shards folder {shards_dir}; run the download first")
     stats = {s: st for s, st in read_stats(shards_dir).items() if (shards_dir / f"{s}.tar").exists()}
     unfinished = sorted(p.name for p in shards_dir.glob("*.tar") if p.stem not in stats)
     if unfinished:

@@ -29,6 +29,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -47,8 +48,9 @@ from amorlip.config import load_config
 from amorlip.data.download import NOT_ATTEMPTED_FILE, download, failure_reason, write_index
 from amorlip.data.fetch import bounded_download_image
 from amorlip.data.guarded_http import ALLOWED_ENDPOINTS_ENV, ALLOWED_NETWORKS_ENV, non_public_reason
+from amorlip.fileio import partial_dir
 
-from .conftest import Job, wait_for
+from .conftest import BIN, REPO, Job, child_env, wait_for
 
 TIMEOUT_S = 2  # per-url deadline of the header tests
 GATE_TIMEOUT_S = 20  # long enough that a gated url is still in flight when the fault is injected
@@ -284,20 +286,70 @@ def test_interrupted_download_names_unattempted_urls_and_rerun_completes(tmp_pat
         for url in never:
             assert url in log, f"{url} not named:\n{log[-3000:]}"
         print(f"the {len(never)} urls of the unfinished shards 00001 and 00002 are named")
-        assert (shards / NOT_ATTEMPTED_FILE).read_text().split() == never
+        # the CLI builds the folder in shards.partial (fileio.staged_dir): what a workflow manager deletes
+        # after a failed job is the output, shards/, which does not exist until the download is complete
+        building = partial_dir(shards)
+        assert not shards.exists()
+        assert (building / NOT_ATTEMPTED_FILE).read_text().split() == never
         wait_for(lambda: not _alive(tree), 10, what=f"children {_alive(tree)} to exit")
-        # the index refuses the two-thirds-missing shard set instead of indexing 4 of 12 samples
-        with pytest.raises(ValueError, match=r"lacks 2 of its 3 shards \(00001, 00002\): 8 of the 12 urls"):
+        # the index refuses the unfinished download, naming where it is, instead of indexing 4 of 12 samples
+        with pytest.raises(ValueError, match=r"the download is unfinished in .*shards\.partial"):
             write_index(config, "d", shards)
+        # ... and the two-thirds-missing shard set itself, were it pointed at
+        with pytest.raises(ValueError, match=r"lacks 2 of its 3 shards \(00001, 00002\): 8 of the 12 urls"):
+            write_index(config, "d", building)
         assert not (tmp_path / "data" / "d" / "manifest.json").exists()
 
         server.gate.set()
         job = _download_job(tmp_path, cfg, urls, "download-2.log")
         assert job.wait(120) == 0, job.text()[-3000:]
+    assert not building.exists()  # moved to shards/ once complete, the 4 finished samples resumed in it
     manifest = write_index(config, "d", shards)
     assert manifest["urls"] == manifest["attempted"] == manifest["samples"] == 12, manifest
     assert not (shards / NOT_ATTEMPTED_FILE).exists()
     print(f"rerun: {manifest['samples']}/{manifest['urls']} samples indexed")
+
+
+def test_a_failed_download_job_keeps_its_shards_for_snakemakes_retry(tmp_path):
+    """Through the real `download` rule: Snakemake deletes a failed job's output folder before anything
+    reruns it, which would throw away every finished shard of a download stopped at its time limit.
+    The CLI builds the folder in <out>.partial, which is no output: the rerun resumes there (the
+    finished shard is not fetched again) and the folder appears as the output only when complete."""
+    with Server() as server:
+        rows = _gated_list(server, gate_shard=1)
+        listing = tmp_path / "list.parquet"
+        pd.DataFrame(rows, columns=["url", "caption"]).to_parquet(listing, index=False)
+        _write_dataset(tmp_path, rows, timeout=GATE_TIMEOUT_S, allowed_networks=["127.0.0.1/32"],
+                       url_list=str(listing))
+        shards = tmp_path / "data" / "d" / "shards"
+        building = partial_dir(shards)
+        cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
+               str(tmp_path / "config.yaml"), "--cores", "1", str(shards)]
+        with open(tmp_path / "snakemake-1.log", "w") as out:
+            sm = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            wait_for(lambda: server.hits["/gate/7.jpg"], 180, what="the gated url of shard 1", proc=sm)
+            assert (building / "00000_stats.json").exists() and not shards.exists()
+            # the job's end as at a SLURM time limit: SIGTERM to the `amorlip download` process
+            for proc in psutil.Process(sm.pid).children(recursive=True):
+                if "download" in proc.cmdline() and "amorlip" in " ".join(proc.cmdline()):
+                    proc.send_signal(signal.SIGTERM)
+            assert sm.wait(120) != 0
+        finally:
+            if sm.poll() is None:
+                os.killpg(sm.pid, signal.SIGKILL)
+        text = (tmp_path / "snakemake-1.log").read_text()
+        assert "Error in rule download" in text, text[-3000:]
+        assert not shards.exists() and (building / "00000.tar").exists(), text[-3000:]
+        first_hits = sum(server.hits[f"/img/{i}.jpg"] for i in range(PER_SHARD))
+
+        server.gate.set()
+        rerun = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert sum(server.hits[f"/img/{i}.jpg"] for i in range(PER_SHARD)) == first_hits  # shard 0: not again
+    assert not building.exists()
+    assert sorted(p.name for p in shards.glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(3)]
 
 
 # --------------------------------------------------------------------------- killed worker
