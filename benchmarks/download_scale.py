@@ -14,7 +14,7 @@ url whose image timed out under load would show here). With ``--kill`` one more 
 N stops one part with SIGTERM (what SLURM sends at a time limit) once it has finished a shard, runs
 that part again (it resumes: finished shards are kept) and checks the same exact accounting.
 
-    nice -n 10 python -m benchmarks.download_scale [--tiny] [--rows 200000] [--parts 1 2 4] [--kill]
+    nice -n 10 python -m benchmarks.download_scale [--tiny] [--rows 200000] [--parts 1 2 4] [--kill] [--kill-only]
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--kill", action="store_true", help="also a run of the largest N with one part killed and resumed")
+    p.add_argument("--kill-only", action="store_true",
+                   help="only the killed-and-resumed run (the smoke test: it takes every step an uninterrupted run takes)")
     p.add_argument("--per-shard", type=int, default=10_000)
     p.add_argument("--processes", type=int, default=1, help="img2dataset processes per part")
     p.add_argument("--threads", type=int, default=64, help="img2dataset threads per process")
@@ -180,12 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
     with ScriptedServer(slow_s=2.5 * args.timeout) as server:
         table = _url_list(server, args.rows)
         log.info("%d urls: %s", len(table), dict(Counter(table["kind"])))
-        for n in args.parts:
+        for n in [] if args.kill_only else args.parts:
             log.info("N = %d part(s) ...", n)
             results.append(run_once(server, table, n, args))
             log.info("N = %d: %s", n, {k: v for k, v in results[-1].items() if k != "mismatch_examples"})
             _write(args, results, partial=True)  # a long run that is stopped keeps what it measured
-        if args.kill:
+        if args.kill or args.kill_only:
             results.append(run_once(server, table, max(args.parts), args, kill=True))
             log.info("killed and resumed: %s", {k: v for k, v in results[-1].items() if k != "mismatch_examples"})
     base = results[0]["images_per_s"]

@@ -137,15 +137,15 @@ def _job_counts(out: str) -> dict[str, int]:
 def test_snakemake_two_rank_run_trains_on_the_global_batch(tmp_path: Path, tiny_data: Path) -> None:
     """`snakemake train` of a 2-rank run (the train rule runs `amorlip launch --nproc 2`): its first
     logged CLIP loss tracks the 1-rank run at the same global batch (16), not a run at half of it (8),
-    as per-rank negatives would; a 2-rank AmorLIP run keeps identical lambda nets on both ranks."""
+    as per-rank negatives would. (2-rank AmorLIP runs, lambda-net replicas included: through the CLI
+    in tests/test_train.py, through Snakemake on SLURM in tests/slurm/test_slurm_pipeline.py.)"""
     config = tiny_config()
     config["defaults"].update(max_steps=3, log_every=1, checkpoint_every=2)
     config["runs"] = {"clip": {"method": "clip"}, "clip-b8": {"method": "clip", "batch_size": 8},
-                      "clip-2r": {"method": "clip", "nproc": 2}, "amorlip-2r": {"method": "amorlip", "nproc": 2}}
+                      "clip-2r": {"method": "clip", "nproc": 2}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     copy_tiny_data(tiny_data, tmp_path)
-    keys = tmp_path / "debug-keys"
-    env = dict(os.environ, OMP_NUM_THREADS="1", AMORLIP_DEBUG_KEYS=str(keys))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "train"]
@@ -159,12 +159,6 @@ def test_snakemake_two_rank_run_trains_on_the_global_batch(tmp_path: Path, tiny_
     one, half, two = first("clip", "clip_loss"), first("clip-b8", "clip_loss"), first("clip-2r", "clip_loss")
     assert two["global_batch"] == one["global_batch"] == 16 and two["world_size"] == 2
     assert abs(two["value"] - one["value"]) < abs(two["value"] - half["value"]), (one, half, two)
-    summary = json.loads((tmp_path / "runs/amorlip-2r/train.json").read_text())
+    summary = json.loads((tmp_path / "runs/clip-2r/train.json").read_text())
     assert summary["world_size"] == 2 and summary["local_batch_size"] == 8 and summary["batch_size"] == 16
-    # the lambda nets were trained (Stage I ran on every step) and are bit-identical on both ranks
-    assert first("amorlip-2r", "lambda_updates")["value"] > 0
-    finals = {}
-    for rank in (0, 1):
-        records = [json.loads(line) for line in Path(f"{keys}.rank{rank}.jsonl").read_text().splitlines()]
-        finals[rank] = [r for r in records if r.get("replica_checksum")][-1]["replica_checksum"]
-    assert finals[0] == finals[1] == summary["lambda_replica_checksum"]
+    assert summary["steps"] == 3 and summary["complete"]

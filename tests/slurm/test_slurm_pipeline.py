@@ -89,6 +89,9 @@ def test_tiny_dag_through_slurm_with_preemption(tmp_path: Path, slurm_tiny_data:
     # two ranks started by srun, and the retry resumed from the preemption checkpoint
     train = json.loads((run_dir / "train.json").read_text())
     assert train["world_size"] == 2, train
+    # the lambda nets are one model on both ranks: the trainer compares their checksums at every
+    # checkpoint (and stops on a mismatch); the agreed one is recorded
+    assert train["lambda_replica_checksum"], train
     assert train["steps"] == 40, train
     assert train["resumed_from"], train
     log = (tmp_path / "logs" / "train" / "amorlip.log").read_text()
