@@ -31,10 +31,20 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Comp
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _e2e_config() -> dict:
+    """config/tiny.yaml's CLIP and AmorLIP runs plus a FastCLIP-v3 run (the same rules, its own row)."""
+    config = tiny_config()
+    config["runs"]["fastclip"] = {"method": "fastclip"}
+    return config
+
+
+RUNS = ["amorlip", "clip", "fastclip"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the pipeline, then an MLflow server, a headless browser and the report over it
 def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_e2e_config()))
     copy_tiny_data(tiny_data, tmp_path)
     proc = _snakemake(tmp_path, "all")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -44,7 +54,7 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     assert manifest["samples"] == sum(sizes.values()) > 0
     assert manifest["failed"] == 0
 
-    for run in ("clip", "amorlip"):
+    for run in RUNS:
         assert (tmp_path / f"runs/{run}/model.pt").exists()
         train = json.loads((tmp_path / f"runs/{run}/train.json").read_text())
         assert train["steps"] == tiny_config()["defaults"]["max_steps"]
@@ -53,7 +63,8 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
 
     with open(tmp_path / "results/summary.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["run"] for r in rows) == ["amorlip", "clip"]
+    assert sorted(r["run"] for r in rows) == RUNS
+    assert {r["run"]: (r["method"], r["variant"]) for r in rows}["fastclip"] == ("fastclip", "v3")
     assert (tmp_path / "results/summary.md").exists()
     assert list((tmp_path / "results/plots").glob("*.png"))
 
@@ -65,7 +76,7 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
         [parent["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'"
     )
     kinds = sorted(c.data.tags.get("amorlip.kind", "?") for c in children)
-    assert kinds == ["evaluate", "evaluate", "train", "train"], kinds
+    assert kinds == ["evaluate"] * 3 + ["train"] * 3, kinds
 
     # everything is up to date: a second invocation schedules nothing
     again = _snakemake(tmp_path, "-n", "all", timeout=300)
@@ -77,15 +88,15 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     with mlflow_server(f"sqlite:///{tmp_path}/results/mlflow.db", tmp_path, artifacts=tmp_path / "served") as server:
         training = check_researcher_view(server["url"], parent, tmp_path / "runs", tmp_path / "results",
                                          ["emoji-heldout"])
-        assert sorted(training) == ["amorlip", "clip"]
+        assert sorted(training) == RUNS
         if chromium():
             dom = runs_page_dom(server["url"], parent["experiment_id"], tmp_path)
             assert parent["run_name"] in dom, dom[-2000:]  # the runs table, with the pipeline's parent run
-    _check_snakemake_report(tmp_path, runs=["amorlip", "clip"])
+    _check_snakemake_report(tmp_path, runs=RUNS)
 
     # editing the config reruns only what the edit touches: a new run trains alone (no download, no
     # retraining of the others), and a changed lr retrains that one run
-    config = tiny_config()
+    config = _e2e_config()
     config["runs"]["clip-s1"] = {"method": "clip", "seed": 1}
     config["runs"]["amorlip"]["lr"] = 0.000777
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
