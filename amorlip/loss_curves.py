@@ -148,6 +148,16 @@ def run_panels(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return panels
 
 
+def panel_grid(plt, count: int, max_cols: int, panel_size: tuple[float, float]):
+    """``(fig, axes)``: ``count`` axes in rows of at most ``max_cols``, the grid's spare cells hidden."""
+    ncols = min(max_cols, count)
+    nrows = -(-count // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes.flat[:count]
+
+
 def plot_run_curves(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:
     """One run's figure: one panel per metric (log scale where it spans decades), epoch boundaries
     dotted. A run that logged no step record (fewer steps than ``log_every``) still gets its figure,
@@ -155,12 +165,8 @@ def plot_run_curves(records: list[dict], out: str | os.PathLike, title: str = ""
     panels = run_panels(records)
     plt = pyplot()
     if panels:
-        ncols = min(3, len(panels))
-        nrows = -(-len(panels) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
-        for ax in axes.flat[len(panels):]:
-            ax.set_visible(False)
-        for ax, (key, pts) in zip(axes.flat, panels.items()):
+        fig, axes = panel_grid(plt, len(panels), 3, (4.6, 3.2))
+        for ax, (key, pts) in zip(axes, panels.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, markersize=3)
             scale = scale_for(v for _, v in pts)
             ax.set_yscale(scale)
@@ -187,12 +193,8 @@ def plot_loss_curves(data: Mapping[str, dict], out: str | os.PathLike) -> Path |
         log.warning("no metrics.jsonl found; no loss-curve plot")
         return None
     plt = pyplot()
-    ncols = min(4, len(curves))
-    nrows = -(-len(curves) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(curves):]:
-        ax.set_visible(False)
-    for ax, (name, records) in zip(axes.flat, curves.items()):
+    fig, axes = panel_grid(plt, len(curves), 4, (4.5, 3.4))
+    for ax, (name, records) in zip(axes, curves.items()):
         draw_loss_panel(ax, name, data[name]["config"].method, records)
     out = _save(fig, out)
     plt.close(fig)
