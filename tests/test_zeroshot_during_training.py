@@ -136,3 +136,12 @@ def test_two_epochs_record_what_the_exported_model_scores(tmp_path, monkeypatch)
     per_task = client.get_metric_history(summary["mlflow_run_id"], "zeroshot/emoji-heldout/colour")
     assert sorted((m.step, m.value) for m in per_task) == [(12, records[0]["tasks"]["colour"]),
                                                           (24, records[1]["tasks"]["colour"])]
+
+    # train.json lost after the end: the rerun resumes at step 24, reports the same last record and
+    # does not evaluate again (metrics.jsonl keeps one record per due step)
+    (run_dir / "train.json").unlink()
+    res = run_cli(root / "config.yaml", "zs")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert json.loads((run_dir / "train.json").read_text())["zeroshot_during_training"] == \
+        summary["zeroshot_during_training"]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "zeroshot"] == [12, 24]

@@ -197,6 +197,10 @@ class Trainer:
         self.amortization = records.get("amortization")
         self.last_validation = records.get("validation")
         self.last_zeroshot = records.get("zeroshot")
+        # a measurement taken at the resumed step is not taken again (the end-of-training zero-shot of a
+        # run resumed at its last step, whose record metrics.jsonl keeps)
+        self.last_validation_step = (self.last_validation or {}).get("step", -1)
+        self.last_zeroshot_step = (self.last_zeroshot or {}).get("step", -1)
         self.last_saved = self.pos.steps_done
         self.resumed_from = tag
         if self.master:
