@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# The suite writes shards, checkpoints and MLflow stores under $TMPDIR (peak about 1 GiB, measured on a
+# The suite writes shards, checkpoints and MLflow stores under $TMPDIR (peak about 1.5 GiB, measured on a
 # full run). On a nearly full disk every test that makes a folder errors at once, which reads like a
 # broken suite: say so up front instead.
 tmp="${TMPDIR:-/tmp}"
