@@ -48,7 +48,7 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
-# The small-batch comparison (30 runs through the pipeline, about 2 h on 2 idle cores; see
+# The small-batch comparison (40 runs through the pipeline, about 3 h on 2 idle cores; see
 # benchmarks/RESULTS.md, section 4a). One seed at a time (benchmarks/quality_targets.py), so an
 # interrupted sweep holds complete seeds to pair. Resumable: rerun to continue. --keep-going: one
 # failed run does not stop the others, and the summary reports what finished (missing runs are
